@@ -236,7 +236,8 @@ def _check_inputs(
         attention_mask = torch.ones_like(input_ids)
     elif tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids shape {tuple(input_ids.shape)}"
+            f"attention_mask shape {tuple(attention_mask.shape)} does not match "
+            f"input_ids shape {tuple(input_ids.shape)}"
         )
     if not eos_ids:
         raise ValueError(f"eos_token_id is required (an int or a non-empty list of ints), got {eos_ids!r}")
