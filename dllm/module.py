@@ -1,0 +1,304 @@
+"""``DLLMModule``: one LightningModule for both halves of the method.
+
+``training_step`` runs the iterative-refine objective (``dllm.objective``);
+``validation_step`` logs a seeded loss and generates for the validation
+prompts; ``predict_step`` runs block generation (``dllm.generation``) and
+returns one record per prompt (SPEC section 7). The model is an ordinary HF
+causal LM, loaded from ``pretrained`` or built from ``model_config``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dllm.generation import iterative_generate
+from dllm.objective import iterative_refine_loss
+from dllm.tasks import check_answer
+from dllm.tokenizer import BYTE_TOKENIZER, load_tokenizer
+
+
+@dataclass
+class GenerationSettings:
+    """How ``predict_step`` and validation generate (SPEC sections 2-4).
+
+    Args:
+        mode: ``"refine"`` (block drafting, the seed's method) or ``"jacobi"`` (lossless).
+        add_eos_length: N, EOS placeholders per block; a block yields N + 1 tokens.
+        refine_iter: forwards per block in refine mode (1 = draft only).
+        max_new_tokens: generated tokens per prompt.
+        max_length: prompt + generated tokens per prompt.
+        temperature: 0 for greedy, else sampling temperature.
+        top_k: sample from the k most likely tokens.
+        top_p: sample from the nucleus of this probability mass.
+        seed: sampling seed (each batch uses ``seed + batch index``).
+        use_cache: reuse the KV cache of the committed prefix.
+    """
+
+    mode: Literal["refine", "jacobi"] = "refine"
+    add_eos_length: int = 15
+    refine_iter: int = 2
+    max_new_tokens: int = 1024
+    max_length: int = 8192
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    use_cache: bool = True
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+class DLLMModule(L.LightningModule):
+    """Fine-tune a causal LM to write blocks of tokens per forward, and generate that way.
+
+    Args:
+        pretrained: HF model name or local path. ``None`` builds a random model from ``model_config``.
+        model_config: config dict for a randomly initialised model (``model_type`` picks the
+            architecture, e.g. ``{"model_type": "qwen2", "hidden_size": 128, ...}``);
+            ``vocab_size`` defaults to the tokenizer's size.
+        tokenizer: HF name or path, ``"byte"`` for the bundled byte-level tokenizer, or ``None``
+            for the one that comes with ``pretrained`` (``"byte"`` without it).
+        dtype: weights dtype when loading (``float32``, ``bfloat16``, ...); ``None`` keeps the
+            checkpoint's. With ``trainer.precision=bf16-mixed`` keep float32 weights.
+        trust_remote_code: allow model/tokenizer code from the checkpoint.
+        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, ...; ``None`` = HF default.
+        gradient_checkpointing: recompute activations in backward to save memory.
+        num_rounds: refine rounds in the objective.
+        loss_weights: one weight per round; ``None`` = all 1.0.
+        noise_min: lowest per-row share of response tokens replaced by EOS.
+        noise_max: highest per-row share of response tokens replaced by EOS.
+        noise_schedule: ``"iid"`` (the seed's) or ``"block"`` (clean prefix + a run of EOS).
+        noise_block_size: EOS run length for ``noise_schedule="block"``.
+        ar_loss_weight: weight of an extra clean-input next-token loss (0 = off).
+        loss_chunk_size: project the LM head this many positions at a time (large vocabularies).
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: linear warmup steps before the cosine decay.
+        min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
+        seed: seed of the noise: training step ``s`` uses ``seed + s``, so resumed runs match.
+        generation: generation settings for validation and prediction. They are not saved as
+            hyperparameters, so ``predict.py --ckpt_path`` honours the command line's.
+        val_generate_batches: validation batches that also generate (exact match, tokens per
+            forward); 0 = off, -1 = all.
+        val_max_new_tokens: cap on generated tokens during validation.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        tokenizer: str | None = None,
+        dtype: str | None = None,
+        trust_remote_code: bool = False,
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        num_rounds: int = 2,
+        loss_weights: list[float] | None = None,
+        noise_min: float = 0.1,
+        noise_max: float = 0.9,
+        noise_schedule: Literal["iid", "block"] = "iid",
+        noise_block_size: int = 8,
+        ar_loss_weight: float = 0.0,
+        loss_chunk_size: int | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.1,
+        seed: int = 0,
+        generation: GenerationSettings | None = None,
+        val_generate_batches: int = 1,
+        val_max_new_tokens: int = 256,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["generation"])
+        self.generation = generation or GenerationSettings()
+        if pretrained is None and model_config is None:
+            raise ValueError("set model.pretrained (an HF name or path) or model.model_config (a config dict)")
+        self.tokenizer = load_tokenizer(tokenizer or pretrained or BYTE_TOKENIZER, trust_remote_code)
+        self.stop_ids = stop_token_ids(self.tokenizer)
+        self.model = self._build_model()
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.val_exact_match = MeanMetric()
+        self.val_tokens_per_forward = MeanMetric()
+
+    def _build_model(self) -> torch.nn.Module:
+        hp = self.hparams
+        kwargs: dict[str, Any] = {"trust_remote_code": hp.trust_remote_code}
+        if hp.attn_implementation:
+            kwargs["attn_implementation"] = hp.attn_implementation
+        if hp.dtype is not None:
+            if hp.dtype not in DTYPES:
+                raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {hp.dtype!r}")
+            kwargs["dtype"] = DTYPES[hp.dtype]
+        if hp.pretrained is not None:
+            return AutoModelForCausalLM.from_pretrained(hp.pretrained, **kwargs)
+        config_kwargs = dict(hp.model_config)
+        model_type = config_kwargs.pop("model_type", None)
+        if model_type is None:
+            raise ValueError(f"model.model_config needs a 'model_type' (e.g. 'qwen2'), got {hp.model_config}")
+        config_kwargs.setdefault("vocab_size", len(self.tokenizer))
+        config_kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
+        config_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        config = AutoConfig.for_model(model_type, **config_kwargs)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        return model.to(kwargs["dtype"]) if "dtype" in kwargs else model
+
+    # --- the objective ----------------------------------------------------------
+
+    def _loss(self, batch: dict, generator: torch.Generator):
+        hp = self.hparams
+        return iterative_refine_loss(
+            self.model,
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["response_mask"],
+            eos_token_id=self.tokenizer.eos_token_id,
+            num_rounds=hp.num_rounds,
+            loss_weights=hp.loss_weights,
+            noise_min=hp.noise_min,
+            noise_max=hp.noise_max,
+            generator=generator,
+            noise_schedule=hp.noise_schedule,
+            block_size=hp.noise_block_size,
+            ar_loss_weight=hp.ar_loss_weight,
+            loss_chunk_size=hp.loss_chunk_size,
+        )
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        # the noise depends on (seed, step, rank) only: a resumed run draws the same noise
+        seed = self.hparams.seed + 1_000_003 * self.global_step + self.global_rank
+        out = self._loss(batch, self._generator(seed))
+        size = batch["input_ids"].size(0)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=size, sync_dist=True)
+        for r, loss in enumerate(out.round_losses):
+            self.log(f"train/loss_round{r}", loss, batch_size=size, sync_dist=True)
+        if out.ar_loss is not None:
+            self.log("train/ar_loss", out.ar_loss, batch_size=size, sync_dist=True)
+        self.log("train/noise_ratio", out.noise_ratio, batch_size=size, sync_dist=True)
+        return out.loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self._loss(batch, self._generator(self.hparams.seed + batch_idx))
+        size = batch["input_ids"].size(0)
+        self.log("val/loss", out.loss, prog_bar=True, batch_size=size, sync_dist=True)
+        for r, loss in enumerate(out.round_losses):
+            self.log(f"val/loss_round{r}", loss, batch_size=size, sync_dist=True)
+        limit = self.hparams.val_generate_batches
+        if limit < 0 or batch_idx < limit:
+            settings = {"max_new_tokens": min(self.generation.max_new_tokens, self.hparams.val_max_new_tokens)}
+            records = self.generate_records(batch, batch_idx, **settings)
+            correct = [is_correct(rec, batch, i) for i, rec in enumerate(records)]
+            self.val_exact_match.update(torch.tensor(correct, dtype=torch.float32, device=self.device))
+            tokens = sum(r["new_tokens"] for r in records)
+            forwards = sum(r["forwards"] for r in records)
+            self.val_tokens_per_forward.update(torch.tensor(tokens / forwards, device=self.device), forwards)
+            self.log("val/exact_match", self.val_exact_match, prog_bar=True, batch_size=size)
+            self.log("val/tokens_per_forward", self.val_tokens_per_forward, prog_bar=True, batch_size=size)
+
+    # --- generation ----------------------------------------------------------------
+
+    def generate_records(self, batch: dict, batch_idx: int = 0, **overrides) -> list[dict]:
+        """Generate for ``batch["prompt_ids"]`` and return one SPEC section 7 record per prompt."""
+        settings = {**asdict(self.generation), **overrides}
+        seed, use_cache = settings.pop("seed"), settings.pop("use_cache")
+        generator = self._generator(seed + batch_idx) if settings["temperature"] > 0 else None
+        out = iterative_generate(
+            self.model,
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            generator=generator,
+            use_cache=use_cache,
+            return_dict=True,
+            **settings,
+        )
+        width = batch["prompt_ids"].size(1)
+        records = []
+        for i, record_id in enumerate(batch["id"]):
+            n = int(out.new_tokens[i])
+            tokens = out.sequences[i, width : width + n].tolist()
+            if out.finish_reason[i] == "eos":
+                tokens = tokens[:-1]  # the stop token is not part of the response text
+            records.append(
+                {
+                    "id": record_id,
+                    "prompt": batch["prompt"][i],
+                    "response": self.tokenizer.decode(tokens, skip_special_tokens=False),
+                    "new_tokens": n,
+                    "finish_reason": out.finish_reason[i],
+                    "forwards": int(out.forwards[i]),
+                    "settings": {**settings, "seed": seed, "use_cache": use_cache},
+                }
+            )
+        return records
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        return self.generate_records(batch, batch_idx)
+
+    # --- optimisation ----------------------------------------------------------------
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.dim() < 2 or "norm" in name.lower() else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(hp.warmup_steps, total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- export --------------------------------------------------------------------------
+
+    def save_hf(self, path: str, state_dict: dict | None = None) -> None:
+        """Write the model and tokenizer in HF format (``from_pretrained`` loads them back)."""
+        self.model.save_pretrained(path, state_dict=state_dict)
+        self.tokenizer.save_pretrained(path)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
+    """LR multiplier: linear warmup to 1, then cosine down to ``min_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS first (it is the placeholder), then other end-of-turn ids the tokenizer knows."""
+    ids = [tokenizer.eos_token_id]
+    for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
+        token_id = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+        if token_id is not None and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+def is_correct(record: dict, batch: dict, i: int) -> bool:
+    """Exact match: the task's answer checker when there is one, else the whole response."""
+    if batch.get("task") and batch["task"][i] and batch["answer"][i] is not None:
+        return check_answer(batch["task"][i], record["response"], batch["answer"][i])
+    return record["response"].strip() == batch["reference"][i].strip()
