@@ -12,4 +12,4 @@ import sys
 from dllm.cli import DLLMCLI
 
 if __name__ == "__main__":
-    DLLMCLI(args=["predict", *sys.argv[1:]])
+    DLLMCLI(args=["predict", *sys.argv[1:]], save_config_callback=None)

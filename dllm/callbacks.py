@@ -103,6 +103,9 @@ class PredictionWriter(BasePredictionWriter):
             rank_zero_info(f"{self.output}: {len(done)} prompts already predicted, skipping them")
             trainer.datamodule.exclude_ids(set(done))
         self._shard = self.output.with_name(f"{self.output.name}.rank{trainer.global_rank}")
+        if self._shard.is_file():  # drop a line torn by a kill before appending to it
+            text = self._shard.read_text(encoding="utf-8")
+            self._shard.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         with self._shard.open("a", encoding="utf-8") as f:

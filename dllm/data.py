@@ -209,28 +209,32 @@ class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning can resume mid-epoch.
 
     Lightning saves ``state_dict()`` in checkpoints and calls
-    ``load_state_dict()`` on resume; the next epoch iteration then skips the
-    batches already trained on (the order is the same: see ``EpochSampler``).
+    ``load_state_dict()`` on resume; iterating the same epoch again then skips
+    the batches already trained on (the order is the same: ``EpochSampler``).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._seen = 0
-        self._skip = 0
+        self._seen, self._resume = 0, None
+
+    def _epoch(self) -> int:
+        return getattr(self.sampler, "epoch", 0)
 
     def __iter__(self):
-        skip, self._skip = self._skip, 0
-        self._seen = 0
+        skip = 0
+        if self._resume is not None and self._resume["epoch"] == self._epoch():
+            skip = self._resume["batches_seen"]
+        self._resume, self._seen = None, 0
         for index, batch in enumerate(super().__iter__()):
             self._seen = index + 1
             if index >= skip:
                 yield batch
 
     def state_dict(self) -> dict:
-        return {"batches_seen": self._seen}
+        return {"epoch": self._epoch(), "batches_seen": self._seen}
 
     def load_state_dict(self, state: dict) -> None:
-        self._skip = state["batches_seen"]
+        self._resume = state
 
 
 # ----------------------------------------------------------------------------

@@ -120,14 +120,13 @@ def test_chain_follows_mapping():
         assert len(mapping) == 10
         start, steps = rest.split(", ")
         steps = int(steps.split()[0])
-        hops = ex.response.splitlines()[0].split()
-        assert len(hops) == steps and 3 <= steps <= 8
-        cur = start
-        for hop in hops:
-            src, dst = hop.split(">")
-            assert src == cur and mapping[src] == dst
-            cur = dst
-        assert ex.answer == cur
+        path = ex.response.splitlines()[0].split(">")
+        assert len(path) == steps + 1 and 3 <= steps <= 8
+        assert path[0] == start
+        for src, dst in zip(path, path[1:]):
+            assert mapping[src] == dst
+        assert len(set(path)) == len(path)  # a single cycle: no letter repeats within 10 steps
+        assert ex.answer == path[-1]
 
 
 def test_mix_list_and_dict():

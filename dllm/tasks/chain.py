@@ -14,7 +14,7 @@ be guessed without following the chain.
 Format (defaults: 8 letters ``a``-``h``, 6 steps)::
 
     prompt:   "h>a e>h b>f g>d d>c c>b f>e a>g start b, 6 steps:"
-    response: "b>f f>e e>h h>a a>g g>d\\nanswer: d"
+    response: "b>f>e>h>a>g>d\\nanswer: d"
 """
 
 from __future__ import annotations
@@ -54,13 +54,12 @@ class ChainTask(Task):
         start = rng.choice(letters)
         steps = rng.randint(self.min_steps, self.max_steps)
 
-        hops = []
-        cur = start
+        # The walk is written as one path, "d>b>h>...": every "x>" in it is followed by the same
+        # letter as the pair "x>" in the prompt, a plain induction-style copy.
+        path = [start]
         for _ in range(steps):
-            nxt = mapping[cur]
-            hops.append(f"{cur}>{nxt}")
-            cur = nxt
+            path.append(mapping[path[-1]])
         listing = " ".join(f"{k}>{mapping[k]}" for k in keys)
         prompt = f"{listing} start {start}, {steps} steps:"
-        response = " ".join(hops) + "\n" + format_answer(cur)
-        return Example(prompt=prompt, response=response, answer=cur, task=self.name)
+        response = ">".join(path) + "\n" + format_answer(path[-1])
+        return Example(prompt=prompt, response=response, answer=path[-1], task=self.name)

@@ -1,0 +1,30 @@
+# CPU setup pins the local torch CPU wheel (constraints-cpu.txt); pyproject.toml keeps a plain range for GPUs.
+PYTHON ?= python3
+VENV ?= .venv
+PY = $(VENV)/bin/python
+STEPS ?= 1500
+
+.PHONY: setup demo test lint bench
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install -c constraints-cpu.txt torch
+	$(VENV)/bin/pip install -c constraints-cpu.txt -e ".[dev]"
+	touch $@
+
+# Train the tiny default on CPU (outputs in runs/tiny), then predict on examples/prompts.txt.
+demo: setup
+	$(PY) train.py fit --config configs/tiny.yaml --trainer.max_steps $(STEPS)
+	$(PY) predict.py --config configs/predict-tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: setup
+	$(PY) bench/generation.py
