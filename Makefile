@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY = $(VENV)/bin/python
-STEPS ?= 1500
+STEPS ?= 700
 
 .PHONY: setup demo test lint bench
 

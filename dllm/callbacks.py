@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -138,6 +139,28 @@ class PredictionWriter(BasePredictionWriter):
         rank_zero_info(f"wrote {len(order)} predictions to {self.output}")
 
 
+def full_state_dict(trainer: L.Trainer) -> dict[str, torch.Tensor]:
+    """The LightningModule's unsharded state dict; every rank must call it (it gathers).
+
+    FSDP gathers a full state dict even when checkpoints are saved sharded
+    (``state_dict_type: sharded``); DeepSpeed ZeRO-3 gathers its partitioned
+    parameters. Other strategies hold full weights already.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+
+        with _get_full_state_dict_context(strategy.model, world_size=strategy.world_size):
+            return strategy.model.state_dict()
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        import deepspeed
+
+        module = trainer.lightning_module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return strategy.lightning_module_state_dict()
+
+
 class HFExport(L.Callback):
     """Save the model and tokenizer in HF format when fitting ends.
 
@@ -152,7 +175,7 @@ class HFExport(L.Callback):
         self.dirpath = dirpath
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        state_dict = trainer.strategy.lightning_module_state_dict()  # gathers under FSDP/DeepSpeed-3
+        state_dict = full_state_dict(trainer)
         if trainer.is_global_zero:
             prefix = "model."
             model_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}

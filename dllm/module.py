@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dllm.generation import iterative_generate
 from dllm.objective import iterative_refine_loss
-from dllm.tasks import check_answer
+from dllm.tasks import TASKS, check_answer
 from dllm.tokenizer import BYTE_TOKENIZER, load_tokenizer
 
 
@@ -299,6 +299,6 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 def is_correct(record: dict, batch: dict, i: int) -> bool:
     """Exact match: the task's answer checker when there is one, else the whole response."""
-    if batch.get("task") and batch["task"][i] and batch["answer"][i] is not None:
+    if batch.get("task") and batch["task"][i] in TASKS and batch["answer"][i] is not None:
         return check_answer(batch["task"][i], record["response"], batch["answer"][i])
     return record["response"].strip() == batch["reference"][i].strip()

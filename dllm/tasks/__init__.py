@@ -46,7 +46,14 @@ Split = Literal["train", "val", "test"]
 
 # Registry of the default task variants. Add a variant by registering another instance under its name,
 # e.g. ``TASKS["chain10"] = ChainTask(num_letters=10, name="chain10")``.
-TASKS: dict[str, Task] = {task.name: task for task in (AdditionTask(), ChainTask(), ReverseTask())}
+# ``addition-small`` (1-2 digit operands) is the tiny CPU default's task: small enough to learn in minutes.
+_DEFAULT_TASKS = (
+    AdditionTask(),
+    AdditionTask(min_digits=1, max_digits=2, name="addition-small"),
+    ChainTask(),
+    ReverseTask(),
+)
+TASKS: dict[str, Task] = {task.name: task for task in _DEFAULT_TASKS}
 
 # Hash buckets (out of 100) owned by each split.
 SPLIT_BUCKETS: dict[str, range] = {"train": range(0, 90), "val": range(90, 95), "test": range(95, 100)}
