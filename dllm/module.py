@@ -10,12 +10,13 @@ causal LM, loaded from ``pretrained`` or built from ``model_config``.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dllm.generation import iterative_generate
@@ -131,6 +132,8 @@ class DLLMModule(L.LightningModule):
             self.model.gradient_checkpointing_enable()
         self.val_exact_match = MeanMetric()
         self.val_tokens_per_forward = MeanMetric()
+        self.val_generated_tokens = SumMetric()  # with the seconds below: val/tokens_per_s
+        self.val_generation_seconds = SumMetric()
 
     def _build_model(self) -> torch.nn.Module:
         hp = self.hparams
@@ -200,14 +203,24 @@ class DLLMModule(L.LightningModule):
         limit = self.hparams.val_generate_batches
         if limit < 0 or batch_idx < limit:
             settings = {"max_new_tokens": min(self.generation.max_new_tokens, self.hparams.val_max_new_tokens)}
+            start = time.perf_counter()
             records = self.generate_records(batch, batch_idx, **settings)
+            self.val_generation_seconds.update(time.perf_counter() - start)
             correct = [is_correct(rec, batch, i) for i, rec in enumerate(records)]
             self.val_exact_match.update(torch.tensor(correct, dtype=torch.float32, device=self.device))
             tokens = sum(r["new_tokens"] for r in records)
             forwards = sum(r["forwards"] for r in records)
             self.val_tokens_per_forward.update(torch.tensor(tokens / forwards, device=self.device), forwards)
+            self.val_generated_tokens.update(tokens)
             self.log("val/exact_match", self.val_exact_match, prog_bar=True, batch_size=size)
             self.log("val/tokens_per_forward", self.val_tokens_per_forward, prog_bar=True, batch_size=size)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_generation_seconds.update_called:  # tokens and seconds summed over ranks: a per-device rate
+            seconds = float(self.val_generation_seconds.compute())
+            self.log("val/tokens_per_s", float(self.val_generated_tokens.compute()) / max(seconds, 1e-9))
+        self.val_generated_tokens.reset()
+        self.val_generation_seconds.reset()
 
     # --- generation ----------------------------------------------------------------
 

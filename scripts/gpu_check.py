@@ -23,7 +23,6 @@ import time
 
 import lightning as L
 import torch
-from tqdm import tqdm
 
 from dllm import iterative_generate
 from dllm.data import DLLMDataModule
@@ -111,7 +110,7 @@ def check_generation(new_tokens: int, prompt_length: int) -> None:
         ids = torch.randint(2, stop, (batch, prompt_length), device="cuda")
         mask = torch.ones_like(ids)
         hf_rate = None
-        for name, run in tqdm(methods.items(), desc=f"batch {batch}", leave=False):
+        for name, run in methods.items():  # each row prints as soon as it is measured
             with torch.no_grad():
                 run(ids, mask)  # warm-up
                 torch.cuda.synchronize()

@@ -66,6 +66,7 @@ def test_fit_fast_dev_run(tmp_path):
     assert torch.isfinite(metrics["train/loss"])
     assert {"train/loss_round0", "train/loss_round1", "train/noise_ratio", "val/loss"} <= set(metrics)
     assert 0 <= metrics["val/exact_match"] <= 1 and metrics["val/tokens_per_forward"] >= 1
+    assert metrics["val/tokens_per_s"] > 0
 
 
 class LossRecorder(L.Callback):

@@ -191,3 +191,22 @@ def test_cli_unknown_task():
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "nope" in proc.stderr and "addition" in proc.stderr and "chain" in proc.stderr
+
+
+def test_recurrence_follows_its_rule():
+    from dllm.tasks import RecurrenceTask
+
+    task = RecurrenceTask(min_terms=6, max_terms=9)
+    for record in generate_examples("recurrence", "train", 50, seed=3):
+        first, second, c, last = map(int, re.fullmatch(r"f1=(\d) f2=(\d) c=(\d) f(\d+)=\?", record["prompt"]).groups())
+        terms = [first, second]
+        while len(terms) < last:
+            terms.append((terms[-2] + terms[-1] + c) % 10)
+        lines = record["response"].splitlines()
+        assert len(lines) == last - 2 + 1  # one line per computed term, then the answer
+        assert lines[0].startswith(f"f3={first}+{second}+{c}=")
+        assert record["answer"] == str(terms[-1]) and lines[-1] == f"answer: {terms[-1]}"
+    lengths = {len(task.make(random.Random(s)).response.splitlines()) for s in range(200)}
+    assert lengths == {5, 6, 7, 8}  # 6..9 terms: 4..7 step lines + the answer
+    with pytest.raises(ValueError, match="min_terms"):
+        RecurrenceTask(min_terms=2)

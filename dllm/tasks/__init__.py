@@ -24,6 +24,7 @@ from typing import Literal
 from dllm.tasks.addition import AdditionTask
 from dllm.tasks.base import ANSWER_PREFIX, Example, Task, extract_answer
 from dllm.tasks.chain import ChainTask
+from dllm.tasks.recurrence import RecurrenceTask
 from dllm.tasks.reverse import ReverseTask
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "AdditionTask",
     "ChainTask",
     "Example",
+    "RecurrenceTask",
     "ReverseTask",
     "Task",
     "check_answer",
@@ -51,6 +53,7 @@ _DEFAULT_TASKS = (
     AdditionTask(),
     AdditionTask(min_digits=1, max_digits=2, name="addition-small"),
     ChainTask(),
+    RecurrenceTask(),
     ReverseTask(),
 )
 TASKS: dict[str, Task] = {task.name: task for task in _DEFAULT_TASKS}
