@@ -52,7 +52,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from dllm.data import DLLMDataModule  # noqa: E402
-from dllm.module import DLLMModule  # noqa: E402
+from dllm.module import DLLMModule, GenerationSettings  # noqa: E402
 from dllm.tasks import check_answer, generate_examples  # noqa: E402
 
 # The objectives compared; every other setting is shared.
@@ -117,13 +117,13 @@ def train(setup: Setup, name: str, out: Path) -> DLLMModule:
         return DLLMModule.load_from_checkpoint(ckpt, map_location="cpu")
     print(f"[{name}] training {setup.steps} steps on {setup.task}")
     L.seed_everything(0)
+    # Validation generates with jacobi: its accuracy is greedy AR accuracy (lossless), in fewer forwards.
+    validation = GenerationSettings(mode="jacobi", add_eos_length=3, max_new_tokens=setup.max_new_tokens)
     module = DLLMModule(
         model_config=dict(setup.model), tokenizer="byte", lr=setup.lr, warmup_steps=50, min_lr_ratio=0.1,
-        val_generate_batches=-1, val_max_new_tokens=setup.max_new_tokens, **OBJECTIVES[name],
+        val_generate_batches=-1, val_max_new_tokens=setup.max_new_tokens, generation=validation,
+        **OBJECTIVES[name],
     )  # fmt: skip
-    module.generation.mode = "jacobi"  # validation accuracy = greedy AR accuracy (lossless), in fewer forwards
-    module.generation.add_eos_length = 3
-    module.generation.max_new_tokens = setup.max_new_tokens
     data = DLLMDataModule(
         task=setup.task, num_train=setup.num_train, num_val=setup.num_val, batch_size=setup.batch_size,
         val_batch_size=setup.eval_batch, max_length=256, tokenizer=module.tokenizer,
