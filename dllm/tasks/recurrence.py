@@ -5,9 +5,10 @@ Why: it is the hard case for writing several tokens per forward pass. Term ``k``
 and a term cannot be known before the previous one is. It still stays learnable by a model of
 well under a million parameters, because each line needs only values at a fixed distance back
 (the previous line's last operand and result, and ``c``) and a one-digit sum: there is no lookup
-by position into the prompt, which is what kept earlier candidates (running sums over a prompt
-list, chains mod 100) flat at the format-only loss. ``c`` and the term count vary per problem,
-which gives ``10 * 10 * 10 * (max_terms - min_terms + 1)`` distinct prompts to split.
+by position into the prompt, which earlier candidates that stayed flat at the format-only loss
+(running sums over a prompt list, chains mod 100) needed; that this was their obstacle is our
+guess. ``c`` and the term count vary per problem, which gives
+``10 * 10 * 10 * (max_terms - min_terms + 1)`` distinct prompts to split.
 
 Format (defaults: ``f3`` up to ``f5``..``f10``)::
 
