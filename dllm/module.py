@@ -19,6 +19,7 @@ import torch
 from torchmetrics import MeanMetric, SumMetric
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from dllm.errors import UserError
 from dllm.generation import iterative_generate
 from dllm.objective import iterative_refine_loss
 from dllm.tasks import TASKS, check_answer
@@ -53,6 +54,22 @@ class GenerationSettings:
     seed: int = 0
     use_cache: bool = True
 
+    def __post_init__(self) -> None:
+        # Checked here, when the config is read, so a bad value fails before any model loads.
+        checks = {
+            "mode": (self.mode in ("refine", "jacobi"), "'refine' or 'jacobi'"),
+            "add_eos_length": (self.add_eos_length >= 0, ">= 0"),
+            "refine_iter": (self.refine_iter >= 1, ">= 1"),
+            "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
+            "max_length": (self.max_length >= 2, ">= 2 (a prompt token and a generated one)"),
+            "temperature": (self.temperature >= 0, ">= 0 (0 = greedy)"),
+            "top_k": (self.top_k is None or self.top_k >= 1, ">= 1 or null"),
+            "top_p": (self.top_p is None or 0 < self.top_p <= 1, "in (0, 1] or null"),
+        }
+        for name, (ok, expected) in checks.items():
+            if not ok:
+                raise UserError(f"model.generation.{name} must be {expected}, got {getattr(self, name)!r}")
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -85,7 +102,8 @@ class DLLMModule(L.LightningModule):
         betas: AdamW betas.
         warmup_steps: linear warmup steps before the cosine decay.
         min_lr_ratio: the cosine ends at ``lr * min_lr_ratio``.
-        seed: seed of the noise: training step ``s`` uses ``seed + s``, so resumed runs match.
+        seed: seed of the training noise, drawn per (seed, micro-batch, rank): resumed runs match, and
+            micro-batches of one gradient-accumulation window get different noise.
         generation: generation settings for validation and prediction. They are not saved as
             hyperparameters, so ``predict.py --ckpt_path`` honours the command line's.
         val_generate_batches: validation batches that also generate (exact match, tokens per
@@ -182,8 +200,11 @@ class DLLMModule(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(seed)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        # the noise depends on (seed, step, rank) only: a resumed run draws the same noise
-        seed = self.hparams.seed + 1_000_003 * self.global_step + self.global_rank
+        # The noise depends on (seed, micro-batch, rank) only. The micro-batch counter runs across epochs and
+        # is restored on resume, so a resumed run draws the same noise; unlike the optimizer step it advances
+        # inside a gradient-accumulation window, so micro-batches never share their noise.
+        micro_batch = self.trainer.fit_loop.epoch_loop.total_batch_idx
+        seed = self.hparams.seed + 1_000_003 * micro_batch + self.global_rank
         out = self._loss(batch, self._generator(seed))
         size = batch["input_ids"].size(0)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=size, sync_dist=True)
