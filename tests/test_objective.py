@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import EOS, build_model
+from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from dllm.objective import eos_noise_mask, iterative_refine_loss
 
@@ -85,6 +86,34 @@ def test_chunked_loss_has_the_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-10)
 
 
+def test_chunked_loss_applies_final_logit_softcapping():
+    """Gemma2 caps its logits (tanh); the chunked path, which runs the LM head itself, must cap them too."""
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0, eos_token_id=EOS, pad_token_id=0,
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(config).double()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100.0)  # raw logits of several units: the cap changes them a lot
+    ids, attn, resp, _ = make_batch(3)
+
+    def loss_and_grads(chunk):
+        model.zero_grad()
+        out = iterative_refine_loss(
+            model, ids, attn, resp, eos_token_id=EOS, loss_chunk_size=chunk, generator=torch.Generator().manual_seed(0)
+        )
+        out.loss.backward()
+        return out.loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    (loss, grads), (chunked_loss, chunked_grads) = loss_and_grads(None), loss_and_grads(4)
+    assert torch.allclose(loss, chunked_loss, atol=1e-10)
+    assert torch.allclose(grads, chunked_grads, atol=1e-10)
+    model.config.final_logit_softcapping = None
+    uncapped, _ = loss_and_grads(4)
+    assert abs(uncapped - loss) > 0.5  # the cap is material here, so the equality above tests it
+
+
 @pytest.mark.parametrize("noise", [0.0, 1.0])
 def test_padding_never_counts(noise):
     """Extra padding (any token ids, masked) changes nothing."""
@@ -108,21 +137,48 @@ def test_empirical_noise_ratio_matches_t(t):
 
 
 def test_noise_ratio_is_uniform_between_bounds():
-    response = torch.ones(2000, 200, dtype=torch.long)
+    """Per-row ratios spread like U[0.1, 0.9]: a constant t (or a narrower range) fails the quantiles."""
+    response = torch.ones(2000, 400, dtype=torch.long)
     noise = eos_noise_mask(response, 0.1, 0.9, torch.Generator().manual_seed(0))
     per_row = noise.double().mean(-1)
     assert per_row.min() > 0.05 and per_row.max() < 0.95
     assert abs(per_row.mean().item() - 0.5) < 0.02
+    # U[0.1, 0.9]: std 0.8 / sqrt(12) = 0.231 (plus a little binomial noise), deciles at 0.18 and 0.82
+    assert abs(per_row.std().item() - 0.8 / 12**0.5) < 0.015
+    deciles = torch.quantile(per_row, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
+    assert torch.allclose(deciles, torch.tensor([0.18, 0.5, 0.82], dtype=torch.float64), atol=0.03)
 
 
 def test_block_noise_is_a_clean_prefix_then_an_eos_run():
     response = torch.zeros(50, 40, dtype=torch.long)
     response[:, 10:35] = 1
     noise = eos_noise_mask(response, 0.0, 1.0, torch.Generator().manual_seed(0), schedule="block", block_size=6)
+    starts = set()
     for row in noise:
         where = row.nonzero().flatten()
-        assert 1 <= len(where) <= 6 and where.min() >= 10 and where.max() < 35
-        assert torch.equal(where, torch.arange(where.min(), where.min() + len(where)))  # one contiguous run
+        start = int(where.min())
+        starts.add(start)
+        # one contiguous run of exactly block_size, or shorter only where the response ends
+        assert len(where) == min(6, 35 - start) and 10 <= start < 35
+        assert torch.equal(where, torch.arange(start, start + len(where)))
+    assert len(starts) > 10  # the cut moves from row to row
+
+
+@pytest.mark.parametrize(
+    "t,length,start,run",
+    [(0.0, 25, 0, 6), (0.4, 25, 10, 6), (0.5, 9, 4, 5), (0.9, 25, 22, 3), (1.0, 25, 24, 1), (0.3, 1, 0, 1)],
+)
+def test_block_noise_position_and_length_are_exact(t, length, start, run):
+    """The run starts at floor(t * length) inside the response (at most its last token) and is cut at its end."""
+    response = torch.zeros(3, 40, dtype=torch.long)
+    offsets = [0, 5, 12]  # different prompt lengths
+    for row, offset in enumerate(offsets):
+        response[row, offset : offset + length] = 1
+    noise = eos_noise_mask(response, t, t, torch.Generator().manual_seed(0), schedule="block", block_size=6)
+    for row, offset in enumerate(offsets):
+        expected = torch.zeros(40, dtype=torch.bool)
+        expected[offset + start : offset + start + run] = True
+        assert torch.equal(noise[row], expected), (row, noise[row].nonzero().flatten().tolist())
 
 
 def test_ar_loss_weight_adds_the_clean_next_token_loss():
