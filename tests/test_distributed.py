@@ -95,3 +95,17 @@ def test_ddp_predict_writes_every_prompt_once_in_input_order(uninterrupted, tmp_
     records = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["id"] for r in records] == ids
     assert not list(tmp_path.glob("out.jsonl.rank*"))
+
+
+def test_ddp_epochs_see_the_data_in_a_new_order(tmp_path):
+    """Each epoch reshuffles (the sampler's epoch reaches every rank), and together the ranks cover the data."""
+    steps_per_epoch = 64 // (4 * 2)  # 64 examples, batch 4, 2 ranks
+    ranks = fit(tmp_path, "epochs", 2 * steps_per_epoch)
+    for rank in (0, 1):
+        first = [ranks[rank][s]["ids"] for s in range(1, steps_per_epoch + 1)]
+        second = [ranks[rank][s]["ids"] for s in range(steps_per_epoch + 1, 2 * steps_per_epoch + 1)]
+        assert first != second, f"rank {rank} repeats epoch 0's order"
+    for epoch in (0, 1):
+        steps = range(epoch * steps_per_epoch + 1, (epoch + 1) * steps_per_epoch + 1)
+        seen = [i for rank in (0, 1) for s in steps for i in ranks[rank][s]["ids"]]
+        assert len(seen) == len(set(seen)) == 64  # every example once per epoch, no overlap between ranks
