@@ -1,4 +1,4 @@
-"""Data: read prompt/response files or embedded tasks, tokenize, batch (SPEC section 7).
+"""Data: read prompt/response files or embedded tasks, tokenize, batch (file formats: docs/method.md).
 
 ``DLLMDataModule`` serves three things:
 
@@ -6,129 +6,58 @@
   ``response_mask`` (response tokens and the closing EOS), right-padded;
 - validation prompts for in-loop generation: left-padded ``prompt_ids`` with
   the reference response (and, for embedded tasks, the answer to check);
-- prediction prompts from ``prompts_file``, left-padded, with their ``id``.
+- prediction prompts from ``prompts_file`` or ``prompt``, left-padded, with
+  their ``id``, their ``reference`` when the record has one, and the record's
+  other fields, which each prediction record carries through.
 
-Truncation policy: an example whose prompt + response (+ EOS) is longer than
-``max_length`` is never cut (a cut response would lose its EOS and teach the
-model never to stop). ``too_long="drop"`` skips it and warns with the count and
-the first offending record; ``too_long="error"`` raises naming it.
+Records are never dropped silently. An example whose prompt + response (+ EOS)
+is longer than ``max_length`` is never cut (a cut response would lose its EOS
+and teach the model never to stop): ``too_long="drop"`` skips it,
+``too_long="error"`` raises naming it. Records with an empty response, and
+records a generation budget cut (``finish_reason: "length"`` in a predictions
+file used as training data: appending EOS would teach the model to stop
+mid-answer), are skipped. Every skip is counted in one warning per file that
+names the first record of each kind. User mistakes raise ``UserError`` naming
+the argument, or the file and line.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
+from jinja2 import TemplateError
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dllm import tasks as task_registry
+from dllm.errors import UserError
+from dllm.records import INTERNAL_KEYS, Record, check_arguments, field, is_messages, read_records
+from dllm.tokenizer import render_chat, response_text
 
-Record = dict[str, Any]
-
-
-# ----------------------------------------------------------------------------
-# Reading files
-
-
-def read_records(path: str | Path) -> list[Record]:
-    """Records from ``.jsonl``, ``.json`` (a list of objects) or ``.parquet``, each with its source line/index."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        records = []
-        with path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: malformed JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
-                records.append({**record, "_where": f"{path}:{line_no}"})
-        return records
-    if suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed JSON at line {e.lineno} ({e.msg})") from None
-        if not isinstance(data, list):
-            raise ValueError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        for i, record in enumerate(data):
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}: record {i}: expected a JSON object, got {type(record).__name__}")
-        return [{**record, "_where": f"{path}: record {i}"} for i, record in enumerate(data)]
-    if suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError:
-            raise ImportError(f"{path}: reading .parquet needs pyarrow (pip install 'dllm[parquet]')") from None
-        rows = pq.read_table(path).to_pylist()
-        return [{**record, "_where": f"{path}: row {i}"} for i, record in enumerate(rows)]
-    if suffix == ".txt":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [{"prompt": line, "_where": f"{path}:{i}"} for i, line in enumerate(lines, 1) if line.strip()]
-    raise ValueError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .parquet, or .txt for prompts)")
-
-
-def _field(record: Record, key: str) -> Any:
-    if key not in record or record[key] is None:
-        raise ValueError(f"{record['_where']}: missing key {key!r} (has {sorted(k for k in record if k != '_where')})")
-    value = record[key]
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-        return value
-    raise ValueError(f"{record['_where']}: {key!r} must be a string or a list of {{'role', 'content'}} messages")
+# Keys a prediction record sets itself; an input field of the same name is replaced (the input's
+# ``response`` lives on as ``reference``).
+OUTPUT_KEYS = ("id", "prompt", "response", "reference", "new_tokens", "finish_reason", "forwards", "settings")
 
 
 # ----------------------------------------------------------------------------
-# Rendering and tokenizing
-
-
-def render_prompt(tokenizer, prompt: str | list[dict]) -> str:
-    """The prompt text the model sees: the chat template with a generation prompt, when there is one."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if isinstance(prompt, list):
-        return "\n".join(m["content"] for m in prompt)
-    return prompt
-
-
-def response_text(prompt_text: str, response: str | list[dict]) -> str:
-    """The response as written after the prompt.
-
-    Message lists are joined by content. Where the rendered prompt already ends
-    with the response's opening tag (R1-style templates end with ``<think>\\n``),
-    that overlap is not written twice.
-    """
-    if isinstance(response, list):
-        response = "\n".join(m["content"] for m in response if m.get("role", "assistant") == "assistant")
-    for k in range(min(len(prompt_text), len(response)), 0, -1):
-        opening = response[:k]
-        if opening.lstrip().startswith("<") and prompt_text.endswith(opening):
-            return response[k:]
-    return response
+# Tokenizing
 
 
 def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` with no special tokens added (the chat template writes its own)."""
     return tokenizer(text, add_special_tokens=False).input_ids
 
 
-def encode_example(tokenizer, prompt: str | list[dict], response: str | list[dict]) -> tuple[list[int], list[int], str]:
+def encode_example(
+    tokenizer, prompt: str | list[dict], response: str | list[dict], chat_template: bool | str = True
+) -> tuple[list[int], list[int], str]:
     """Token ids of prompt and response (ending with exactly one EOS), and the response text."""
-    prompt_text = render_prompt(tokenizer, prompt)
+    prompt_text, opening = render_chat(tokenizer, prompt, chat_template)
     prompt_ids = encode(tokenizer, prompt_text)
-    text = response_text(prompt_text, response)
+    text = response_text(response, opening)
     response_ids = encode(tokenizer, text)
     if not response_ids or response_ids[-1] != tokenizer.eos_token_id:
         response_ids.append(tokenizer.eos_token_id)
@@ -165,7 +94,11 @@ def pad(seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
 
 
 class Collator:
-    """Dynamic padding: the objective's tensors (right-padded) and prompts for generation (left-padded)."""
+    """Dynamic padding: the objective's tensors (right-padded) and prompts for generation (left-padded).
+
+    Every batch also carries, per row, the ``reference`` text, the task ``answer`` and ``task``
+    name (``None`` where a record has none), and for prediction the record's ``extra`` fields.
+    """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -182,9 +115,10 @@ class Collator:
             batch["response_mask"] = pad(
                 [[0] * len(it["prompt_ids"]) + [1] * len(it["response_ids"]) for it in items], 0, left=False
             )
-            batch["reference"] = [it["reference"] for it in items]
-            batch["answer"] = [it.get("answer") for it in items]
-            batch["task"] = [it.get("task") for it in items]
+        for key in ("reference", "answer", "task"):
+            batch[key] = [it.get(key) for it in items]
+        if "extra" in items[0]:
+            batch["extra"] = [it["extra"] for it in items]
         return batch
 
 
@@ -205,12 +139,23 @@ class EpochSampler(Sampler[int]):
         yield from torch.randperm(self.size, generator=gen).tolist()
 
 
+def _wrapped_epoch_sampler(sampler: Any) -> EpochSampler | None:
+    """Our ``EpochSampler`` inside Lightning's ``DistributedSamplerWrapper`` (under DDP), if any."""
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    return inner if isinstance(inner, EpochSampler) else None
+
+
 class ResumableDataLoader(DataLoader):
-    """A DataLoader that Lightning can resume mid-epoch.
+    """A DataLoader that Lightning can resume mid-epoch, and whose order changes every epoch under DDP.
 
     Lightning saves ``state_dict()`` in checkpoints and calls
     ``load_state_dict()`` on resume; iterating the same epoch again then skips
     the batches already trained on (the order is the same: ``EpochSampler``).
+
+    Under DDP Lightning wraps the sampler in its ``DistributedSamplerWrapper`` and
+    calls ``set_epoch`` on the wrapper only; before Lightning 2.6 the wrapper did not
+    pass it on, so every epoch repeated the first one's order. The loader passes the
+    wrapper's epoch down itself before each epoch, whatever the Lightning version.
     """
 
     def __init__(self, *args, **kwargs):
@@ -221,6 +166,9 @@ class ResumableDataLoader(DataLoader):
         return getattr(self.sampler, "epoch", 0)
 
     def __iter__(self):
+        inner = _wrapped_epoch_sampler(self.sampler)
+        if inner is not None:
+            inner.set_epoch(self._epoch())
         skip = 0
         if self._resume is not None and self._resume["epoch"] == self._epoch():
             skip = self._resume["batches_seen"]
@@ -245,16 +193,32 @@ class DLLMDataModule(L.LightningDataModule):
     """Train/val data from files or embedded tasks, and prompts for prediction.
 
     Args:
-        train_file: ``.jsonl``/``.json``/``.parquet`` with prompt and response per record.
+        train_file: ``.jsonl``/``.json``/``.parquet`` with a prompt and a response per record. A
+            predictions JSONL written by ``predict.py`` works as is (self-distillation); its records
+            cut by the generation budget (``finish_reason: "length"``) are skipped with a count.
+            Not together with ``task``: under a config that sets ``task``, add ``--data.task null``.
         val_file: same format; without it, ``val_fraction`` of train is split off (seeded).
-        prompts_file: prompts to predict (``.txt`` one per line, or records with ``prompt`` and optional ``id``).
+        prompts_file: prompts to predict: ``.txt`` (one per line) or ``.jsonl``/``.json``/``.parquet``
+            records with ``prompt_key`` and an optional ``id``. A record's other fields are written
+            into its prediction; its reference (see ``reference_key``) as ``reference``.
+        prompt: prompts to predict given on the command line instead of ``prompts_file`` (not
+            both), with ids ``prompt-0``, ``prompt-1``, ...: one, ``--data.prompt "12+34="``, or
+            several, ``--data.prompt+ "12+34=" --data.prompt+ "5+6="`` or
+            ``--data.prompt '["12+34=", "5+6="]'`` (a repeated plain ``--data.prompt`` keeps only the last).
         task: embedded synthetic task(s) instead of files: a name, a list (uniform mix) or
             ``{name: weight}``; see ``python -m dllm.tasks --help``.
         num_train: examples to generate per epoch for ``task``.
         num_val: validation examples to generate for ``task`` (and the val split size).
         prompt_key: record key of the prompt (a string or chat messages).
         response_key: record key of the response (a string or chat messages).
-        max_length: longest prompt + response (+ EOS) in tokens; see ``too_long``.
+        reference_key: record key of the reference answer in ``prompts_file``, carried into each
+            prediction as ``reference`` (for exact- and contains-match rates); every record must have
+            it. ``null``: ``response_key`` where the record has it, else ``answer``, else none.
+        chat_template: how prompts are rendered: ``true`` the tokenizer's chat template (raw text
+            when it has none), ``false`` none (raw prompts, for base models), or a Jinja template
+            string. Give prediction the same value as training.
+        max_length: longest prompt + response (+ EOS) in tokens (see ``too_long``); prompts to
+            predict must be shorter, and shorter than ``model.generation.max_length``.
         too_long: ``"drop"`` (skip and warn with the count) or ``"error"`` for longer examples.
         val_fraction: share of train used for validation when there is no val file.
         batch_size: train batch size per device.
@@ -269,11 +233,14 @@ class DLLMDataModule(L.LightningDataModule):
         train_file: str | None = None,
         val_file: str | None = None,
         prompts_file: str | None = None,
+        prompt: str | list[str] | None = None,
         task: str | list[str] | dict[str, float] | None = None,
         num_train: int = 20_000,
         num_val: int = 200,
         prompt_key: str = "prompt",
         response_key: str = "response",
+        reference_key: str | None = None,
+        chat_template: bool | str = True,
         max_length: int = 2048,
         too_long: Literal["drop", "error"] = "drop",
         val_fraction: float = 0.02,
@@ -285,47 +252,75 @@ class DLLMDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer"])
+        check_arguments(self.hparams)
         self.tokenizer = tokenizer
         self.train_set: ListDataset | None = None
         self.val_set: ListDataset | None = None
         self.predict_set: ListDataset | None = None
 
-    # --- building examples ----------------------------------------------------
+    # --- rendering --------------------------------------------------------------
+
+    def _render(self, prompt: str | list[dict], where: str) -> tuple[str, str]:
+        """The rendered prompt and its generation prompt; a failing template names the record."""
+        try:
+            return render_chat(self.tokenizer, prompt, self.hparams.chat_template)
+        except TemplateError as e:
+            raise UserError(f"{where}: the chat template (data.chat_template) failed: {e}") from None
+
+    def _generation_max_length(self) -> int | None:
+        """The attached module's generation budget (prompt + generated tokens), when there is one."""
+        trainer = self.trainer
+        module = trainer.lightning_module if trainer is not None else None
+        return getattr(getattr(module, "generation", None), "max_length", None)
+
+    # --- training examples ---------------------------------------------------------
+
+    def _example(self, record: Record, index: int) -> dict | str:
+        """One tokenized training example, or the reason it is skipped."""
+        hp, where = self.hparams, record["_where"]
+        if record.get("finish_reason") == "length":
+            return "cut by the generation budget (finish_reason 'length')"
+        prompt = field(record, hp.prompt_key, "data.prompt_key")
+        response = field(record, hp.response_key, "data.response_key")
+        try:
+            prompt_ids, response_ids, text = encode_example(self.tokenizer, prompt, response, hp.chat_template)
+        except TemplateError as e:
+            raise UserError(f"{where}: the chat template (data.chat_template) failed: {e}") from None
+        if not text.strip():
+            return "with an empty response"
+        length = len(prompt_ids) + len(response_ids)
+        if length > hp.max_length:
+            if hp.too_long == "error":
+                raise UserError(f"{where}: prompt + response is {length} tokens, over data.max_length={hp.max_length}")
+            return f"longer than data.max_length={hp.max_length}"
+        return {
+            "id": str(record.get("id", index)),
+            "where": where,
+            "prompt": prompt,
+            "prompt_ids": prompt_ids,
+            "response_ids": response_ids,
+            "reference": text,
+            "answer": record.get("answer"),
+            "task": record.get("task"),
+        }
 
     def _examples(self, records: list[Record], what: str) -> list[dict]:
-        hp, tok = self.hparams, self.tokenizer
-        examples, dropped = [], []
-        for i, record in enumerate(records):
-            prompt, response = _field(record, hp.prompt_key), _field(record, hp.response_key)
-            prompt_ids, response_ids, reference = encode_example(tok, prompt, response)
-            if len(prompt_ids) + len(response_ids) > hp.max_length:
-                where = record.get("_where", f"{what} record {i}")
-                if hp.too_long == "error":
-                    raise ValueError(
-                        f"{where}: prompt + response is {len(prompt_ids) + len(response_ids)} tokens, "
-                        f"over max_length={hp.max_length}"
-                    )
-                dropped.append(where)
-                continue
-            examples.append(
-                {
-                    "id": str(record.get("id", i)),
-                    "prompt": prompt,
-                    "prompt_ids": prompt_ids,
-                    "response_ids": response_ids,
-                    "reference": reference,
-                    "answer": record.get("answer"),
-                    "task": record.get("task"),
-                }
-            )
-        if dropped:
-            warnings.warn(
-                f"{what}: dropped {len(dropped)} of {len(records)} examples longer than max_length="
-                f"{hp.max_length} (first: {dropped[0]}); set too_long='error' to stop instead",
-                stacklevel=2,
-            )
+        """Tokenized training examples; skipped records are counted in one warning per file."""
+        examples, skipped = [], {}
+        for index, record in enumerate(records):
+            example = self._example(record, index)
+            if isinstance(example, str):
+                skipped.setdefault(example, []).append(record["_where"])
+            else:
+                examples.append(example)
+        summary = "; ".join(f"{len(where)} {reason} (first: {where[0]})" for reason, where in skipped.items())
         if not examples:
-            raise ValueError(f"{what}: no usable examples")
+            raise UserError(f"{what}: no usable examples" + (f" (skipped {summary})" if summary else ""))
+        if skipped:
+            long = any(reason.startswith("longer") for reason in skipped)
+            hint = "; data.too_long='error' stops at a long one instead" if long else ""
+            count = sum(map(len, skipped.values()))
+            rank_zero_warn(f"{what}: skipped {count} of {len(records)} records: {summary}{hint}")
         return examples
 
     def _task_records(self, split: str, num: int) -> list[Record]:
@@ -333,57 +328,131 @@ class DLLMDataModule(L.LightningDataModule):
         records = task_registry.generate_examples(hp.task, split, num, seed=hp.seed)
         return [{**r, "_where": f"task {hp.task} {split} {r['id']}"} for r in records]
 
+    def _file_examples(self) -> tuple[list[dict], list[dict]]:
+        """Train and val examples from ``train_file`` (and ``val_file``, or a seeded split)."""
+        hp = self.hparams
+        train = self._examples(read_records(hp.train_file), str(hp.train_file))
+        if hp.val_file is not None:
+            return train, self._examples(read_records(hp.val_file), str(hp.val_file))
+        n_val = max(1, round(hp.val_fraction * len(train)))
+        if n_val >= len(train):
+            raise UserError(
+                f"data.train_file={hp.train_file}: too few examples ({len(train)}) to split off "
+                f"data.val_fraction={hp.val_fraction} for validation (or give data.val_file)"
+            )
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(hp.seed)).tolist()
+        return [train[i] for i in order[n_val:]], [train[i] for i in order[:n_val]]
+
+    def _check_val_prompts_fit(self, val: list[dict]) -> None:
+        """Validation generates from its prompts, so each must be shorter than the generation budget."""
+        budget = self._generation_max_length()
+        if budget is None or self.hparams.max_length <= budget:
+            return  # prompt + response fit max_length already
+        for item in val:
+            if len(item["prompt_ids"]) >= budget:
+                raise UserError(
+                    f"{item['where']}: the validation prompt is {len(item['prompt_ids'])} tokens after the chat "
+                    f"template, not below model.generation.max_length={budget}; raise it or lower data.max_length"
+                )
+
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:
             raise ValueError("DLLMDataModule needs a tokenizer (the CLI links it from the model)")
         hp = self.hparams
         if stage in ("fit", "validate") and self.train_set is None:
+            check_arguments(hp, stage)
             if hp.task is not None:
                 train = self._examples(self._task_records("train", hp.num_train), "task train")
                 val = self._examples(self._task_records("val", hp.num_val), "task val")
-            elif hp.train_file is not None:
-                train = self._examples(read_records(hp.train_file), str(hp.train_file))
-                if hp.val_file is not None:
-                    val = self._examples(read_records(hp.val_file), str(hp.val_file))
-                else:
-                    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(hp.seed)).tolist()
-                    n_val = max(1, round(hp.val_fraction * len(train)))
-                    if n_val >= len(train):
-                        raise ValueError(f"{hp.train_file}: too few examples ({len(train)}) to split off validation")
-                    val = [train[i] for i in order[:n_val]]
-                    train = [train[i] for i in order[n_val:]]
             else:
-                raise ValueError("set data.train_file or data.task for training")
+                train, val = self._file_examples()
+            self._check_val_prompts_fit(val)
             self.train_set, self.val_set = ListDataset(train), ListDataset(val)
         if stage == "predict":
-            if hp.prompts_file is None:
-                raise ValueError("set data.prompts_file for prediction")
-            self.predict_set = ListDataset(self._prompts(read_records(hp.prompts_file), str(hp.prompts_file)))
+            check_arguments(hp, stage)
+            if hp.prompts_file is not None:
+                records, what = read_records(hp.prompts_file, text_key=hp.prompt_key), str(hp.prompts_file)
+            else:
+                records, what = self._command_line_records(), "data.prompt"
+            self.predict_set = ListDataset(self._prompts(records, what))
             self._all_ids = [it["id"] for it in self.predict_set.items]
+
+    # --- prediction prompts ------------------------------------------------------------
+
+    def _command_line_records(self) -> list[Record]:
+        prompts = self.hparams.prompt
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        return [
+            {self.hparams.prompt_key: p, "id": f"prompt-{i}", "_where": f"data.prompt[{i}]"}
+            for i, p in enumerate(prompts)
+        ]
+
+    def _reference(self, record: Record, opening: str) -> str | None:
+        """The record's reference text (``reference_key``), as the response would be written; ``None`` without one."""
+        hp = self.hparams
+        key = hp.reference_key
+        if key is None:
+            key = next((k for k in (hp.response_key, "answer") if record.get(k) is not None), None)
+            if key is None:
+                return None
+        elif record.get(key) is None:
+            keys = sorted(k for k in record if k not in INTERNAL_KEYS)
+            raise UserError(f"{record['_where']}: missing key {key!r} (data.reference_key; the record has {keys})")
+        value = record[key]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if not (isinstance(value, str) or is_messages(value)):
+            raise UserError(f"{record['_where']}: reference {key!r} must be a string, a number or chat messages")
+        return response_text(value, opening)
+
+    def _check_prompt_fits(self, length: int, where: str) -> None:
+        """A prompt must leave room to generate: shorter than ``data.max_length`` and the generation budget."""
+        limits = {
+            "data.max_length": self.hparams.max_length,
+            "model.generation.max_length": self._generation_max_length(),
+        }
+        limits = {name: value for name, value in limits.items() if value is not None}
+        if any(length >= value for value in limits.values()):
+            named = " and ".join(f"{name}={value}" for name, value in limits.items())
+            raise UserError(
+                f"{where}: the prompt is {length} tokens after the chat template; prompts must be shorter than {named}"
+            )
+
+    def _prompt_item(self, record: Record, index: int) -> dict:
+        """One prompt to predict: its ids, its reference, and the record's other fields to write back."""
+        hp, where = self.hparams, record["_where"]
+        prompt = field(record, hp.prompt_key, "data.prompt_key")
+        text, opening = self._render(prompt, where)
+        prompt_ids = encode(self.tokenizer, text)
+        if not prompt_ids or not text.strip():
+            raise UserError(f"{where}: empty prompt")
+        self._check_prompt_fits(len(prompt_ids), where)
+        extra = {k: v for k, v in record.items() if k not in (*INTERNAL_KEYS, *OUTPUT_KEYS, hp.prompt_key)}
+        return {
+            "id": str(record.get("id", index)),
+            "index": index,
+            "prompt": prompt,
+            "prompt_ids": prompt_ids,
+            "reference": self._reference(record, opening),
+            "answer": record.get("answer"),
+            "task": record.get("task"),
+            "extra": extra,
+        }
 
     def _prompts(self, records: list[Record], what: str) -> list[dict]:
         items, seen = [], set()
-        for i, record in enumerate(records):
-            prompt = _field(record, "prompt")
-            prompt_ids = encode(self.tokenizer, render_prompt(self.tokenizer, prompt))
-            if len(prompt_ids) >= self.hparams.max_length:
-                raise ValueError(
-                    f"{record['_where']}: prompt is {len(prompt_ids)} tokens, not below max_length="
-                    f"{self.hparams.max_length}"
-                )
-            if not prompt_ids:
-                raise ValueError(f"{record['_where']}: empty prompt")
-            record_id = str(record.get("id", i))
-            if record_id in seen:
-                raise ValueError(f"{record['_where']}: duplicate id {record_id!r}")
-            seen.add(record_id)
-            items.append({"id": record_id, "index": i, "prompt": prompt, "prompt_ids": prompt_ids})
+        for index, record in enumerate(records):
+            item = self._prompt_item(record, index)
+            if item["id"] in seen:
+                raise UserError(f"{record['_where']}: duplicate id {item['id']!r}")
+            seen.add(item["id"])
+            items.append(item)
         if not items:
-            raise ValueError(f"{what}: no prompts")
+            raise UserError(f"{what}: no prompts")
         return items
 
     def all_prompt_ids(self) -> list[str]:
-        """Every prompt id of ``prompts_file`` in input order (done or not)."""
+        """Every prompt id to predict, in input order (done or not)."""
         return list(self._all_ids)
 
     def exclude_ids(self, done: set[str]) -> None:

@@ -246,7 +246,12 @@ class DLLMModule(L.LightningModule):
     # --- generation ----------------------------------------------------------------
 
     def generate_records(self, batch: dict, batch_idx: int = 0, **overrides) -> list[dict]:
-        """Generate for ``batch["prompt_ids"]`` and return one SPEC section 7 record per prompt."""
+        """Generate for ``batch["prompt_ids"]`` and return one record per prompt.
+
+        A record is the input record's extra fields (``batch["extra"]``, from a prompts file), then
+        ``id``, ``prompt``, ``response`` (generated), ``reference`` (when the input has one),
+        ``new_tokens``, ``finish_reason``, ``forwards`` and ``settings``.
+        """
         settings = {**asdict(self.generation), **overrides}
         seed, use_cache = settings.pop("seed"), settings.pop("use_cache")
         generator = self._generator(seed + batch_idx) if settings["temperature"] > 0 else None
@@ -267,23 +272,30 @@ class DLLMModule(L.LightningModule):
             n = int(out.new_tokens[i])
             tokens = out.sequences[i, width : width + n].tolist()
             if out.finish_reason[i] == "eos":
+        # the input record's own fields come first and its reference (when it has one) after the response
+        extras = batch.get("extra") or [{}] * len(batch["id"])
+        references = batch.get("reference") or [None] * len(batch["id"])
                 tokens = tokens[:-1]  # the stop token is not part of the response text
-            records.append(
-                {
-                    "id": record_id,
-                    "prompt": batch["prompt"][i],
-                    "response": self.tokenizer.decode(tokens, skip_special_tokens=False),
-                    "new_tokens": n,
-                    "finish_reason": out.finish_reason[i],
-                    "forwards": int(out.forwards[i]),
-                    "settings": {**settings, "seed": seed, "use_cache": use_cache},
-                }
+            record = {
+                **extras[i],
+                "id": record_id,
+                "prompt": batch["prompt"][i],
+                "response": self.tokenizer.decode(tokens, skip_special_tokens=False),
+            }
+            if references[i] is not None:
+                record["reference"] = references[i]
+            record.update(
+                new_tokens=n,
+                finish_reason=out.finish_reason[i],
+                forwards=int(out.forwards[i]),
+                settings={**settings, "seed": seed, "use_cache": use_cache},
             )
         return records
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         return self.generate_records(batch, batch_idx)
 
+            records.append(record)
     # --- optimisation ----------------------------------------------------------------
 
     def configure_optimizers(self):
