@@ -15,10 +15,12 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(VENV)/bin/pip install -c constraints-cpu.txt -e ".[dev]"
 	touch $@
 
-# Train the tiny default on CPU (outputs in runs/tiny), then predict on examples/prompts.txt.
+# Train the tiny default on CPU (everything in runs/tiny; a rerun replaces checkpoints/last.ckpt), then predict
+# on examples/prompts.txt with that newest checkpoint, replacing the previous demo's predictions.
 demo: setup
 	$(PY) train.py fit --config configs/tiny.yaml --trainer.max_steps $(STEPS)
-	$(PY) predict.py --config configs/predict-tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt
+	$(PY) predict.py --config configs/predict-tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \
+		--predictions.overwrite true
 
 test: setup
 	$(PY) -m pytest -q

@@ -1,15 +1,15 @@
 """Generate with a trained dllm model, one JSONL record per prompt.
 
     python predict.py --config configs/predict-tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \\
-        --data.prompts_file examples/prompts.txt --predictions.output predictions.jsonl
+        --data.prompts_file examples/prompts.txt
 
-Generation settings (``--model.generation.*``) on the command line or in the
-config take effect even with ``--ckpt_path``.
+The output defaults to ``<trainer.default_root_dir>/predictions.jsonl``
+(``--predictions.output`` to choose). Generation settings (``--model.generation.*``)
+on the command line or in the config take effect even with ``--ckpt_path``. A rerun
+reuses the records that match it; ``--predictions.overwrite true`` replaces them.
 """
 
-import sys
-
-from dllm.cli import DLLMCLI
+from dllm.cli import main
 
 if __name__ == "__main__":
-    DLLMCLI(args=["predict", *sys.argv[1:]], save_config_callback=None)
+    main("predict", save_config_callback=None)

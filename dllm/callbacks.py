@@ -1,22 +1,34 @@
-"""Callbacks: in-loop samples, the JSONL prediction writer, HF export.
+"""Callbacks: in-loop samples, the JSONL prediction writer, HF export, line progress.
 
 ``PredictionWriter`` writes each finished batch at once to a per-rank shard
 (``<output>.rank<r>``), and at the end merges every shard, plus what an
 earlier run had already written, into ``output`` in input order. A rerun on
-the same output skips the ids already there, so a killed run loses nothing it
-had finished.
+the same output reuses the records that match it (prompt, generation settings,
+model) and predicts the rest, so a killed run loses nothing it had finished;
+records that do not match stop the run unless ``overwrite`` is set
+(``dllm.predictions`` has the rules).
+
+Paths left unset derive from ``trainer.default_root_dir``, so one flag moves a
+whole run: predictions in ``<root>/predictions.jsonl``, the HF export in
+``<root>/hf``.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
+
+from dllm import predictions
+from dllm.errors import UserError
 
 
 class SampleGeneration(L.Callback):
@@ -54,63 +66,94 @@ class SampleGeneration(L.Callback):
                 logger.log_text("val/samples", columns=["text"], data=[[text]], step=trainer.global_step)
 
 
-def read_jsonl_ids(path: Path) -> dict[str, dict]:
-    """Records of a JSONL predictions file by id; a torn last line (killed run) is ignored."""
-    records: dict[str, dict] = {}
-    if not path.is_file():
-        return records
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for line_no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if line_no == len(lines):
-                continue  # the write was cut off by a kill: that prompt is predicted again
-            raise ValueError(f"{path}:{line_no}: malformed JSON in an existing predictions file") from None
-        records[str(record["id"])] = record
-    return records
-
-
 class PredictionWriter(BasePredictionWriter):
-    """Write predictions as JSONL, one record per prompt, in input order, resumable.
+    """Write predictions as JSONL, one record per prompt, in input order, resumable and scored.
 
     Args:
-        output: the JSONL file to write.
+        output: the JSONL file to write; default ``<trainer.default_root_dir>/predictions.jsonl``.
         echo: also print each response with its tokens per forward as it is written.
+        overwrite: replace what is already in ``output`` (and its shards). Without it, earlier
+            records are reused only when their prompt text, generation settings and model match
+            this run, and any other earlier record stops the run before it predicts anything.
+        checkpoint: set by the CLI from ``--ckpt_path`` (linked), not by hand: each record
+            stores a fingerprint of the weights, so a rerun never reuses another model's records.
     """
 
-    def __init__(self, output: str = "predictions.jsonl", echo: bool = False):
+    def __init__(
+        self, output: str | None = None, echo: bool = False, overwrite: bool = False, checkpoint: str | None = None
+    ):
         super().__init__(write_interval="batch")
-        self.output = Path(output)
+        self.output = output
         self.echo = echo
+        self.overwrite = overwrite
+        self.checkpoint = checkpoint
+        self.path: Path | None = None
+        self._lock: predictions.OutputLock | None = None
 
     def _shards(self) -> list[Path]:
-        return sorted(self.output.parent.glob(self.output.name + ".rank*"))
+        return sorted(self.path.parent.glob(self.path.name + ".rank*"))
 
-    def _done(self) -> dict[str, dict]:
-        done = read_jsonl_ids(self.output)
+    def _existing(self) -> dict[str, dict]:
+        """Records already written: the output file, then the shards of a killed run."""
+        records = predictions.read_predictions(self.path)
         for shard in self._shards():
-            done.update(read_jsonl_ids(shard))
-        return done
+            records.update(predictions.read_predictions(shard))
+        return records
+
+    @property
+    def metrics_path(self) -> Path:
+        """Where the exact- and contains-match rates go: ``<output stem>.metrics.json`` beside the output."""
+        return self.path.with_name(self.path.stem + ".metrics.json")
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "predict":
             return
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        done = self._done()
-        if done:
-            rank_zero_info(f"{self.output}: {len(done)} prompts already predicted, skipping them")
-            trainer.datamodule.exclude_ids(set(done))
-        self._shard = self.output.with_name(f"{self.output.name}.rank{trainer.global_rank}")
-        if self._shard.is_file():  # drop a line torn by a kill before appending to it
-            text = self._shard.read_text(encoding="utf-8")
-            self._shard.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+        self.path = Path(self.output) if self.output else Path(trainer.default_root_dir) / "predictions.jsonl"
+        self._model = predictions.model_fingerprint(self.checkpoint, pl_module.hparams)
+        # rank 0 decides (lock, what to reuse) and tells the others, so every rank stops on the same error
+        outcome = self._prepare(trainer, pl_module) if trainer.is_global_zero else None
+        outcome = trainer.strategy.broadcast(outcome, src=0)
+        if "error" in outcome:
+            raise UserError(outcome["error"])
+        if outcome["reuse"]:
+            rank_zero_info(f"{self.path}: reusing {len(outcome['reuse'])} predictions of an earlier run")
+            trainer.datamodule.exclude_ids(set(outcome["reuse"]))
+        self._shard = self.path.with_name(f"{self.path.name}.rank{trainer.global_rank}")
+        if not trainer.datamodule.predict_set.items and trainer.is_global_zero:
+            # nothing left to predict: Lightning skips the loop and its end hook, so merge (a killed run's shards) now
+            self.merge(trainer.datamodule.all_prompt_ids())
+
+    def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        """On rank 0: take the lock, then find the earlier records this run may reuse."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = predictions.OutputLock(self.path)
+        try:
+            note = self._lock.acquire()
+            if note:
+                rank_zero_info(note)
+            if self.overwrite:
+                for old in (self.path, *self._shards(), self.metrics_path):
+                    old.unlink(missing_ok=True)
+                return {"reuse": []}
+            for shard in self._shards():
+                predictions.repair_torn_tail(shard)
+            existing = self._existing()
+            prompts = {item["id"]: item["prompt"] for item in trainer.datamodule.predict_set.items}
+            why = predictions.mismatch(existing, prompts, asdict(pl_module.generation), self._model)
+            if why:
+                raise UserError(
+                    f"{self.path} already holds {len(existing)} predictions that this run may not reuse: {why}; "
+                    "pass --predictions.overwrite true to replace them, or choose another --predictions.output"
+                )
+            return {"reuse": sorted(existing)}
+        except UserError as e:
+            self._lock.release()
+            return {"error": str(e)}
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         with self._shard.open("a", encoding="utf-8") as f:
             for record in prediction:
+                record = {**record, "checkpoint": self._model}
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 if self.echo:
                     tpf = record["new_tokens"] / max(record["forwards"], 1)
@@ -119,24 +162,40 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.strategy.barrier()
         if trainer.is_global_zero:
-            self.merge(trainer.datamodule.all_prompt_ids())
+            try:
+                self.merge(trainer.datamodule.all_prompt_ids())
+            finally:
+                self._release()
         trainer.strategy.barrier()
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._release()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
     def merge(self, order: list[str]) -> None:
-        """Write ``output`` with every record in input order, then remove the shards."""
-        done = self._done()
-        missing = [i for i in order if i not in done]
-        tmp = self.output.with_name(self.output.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
-            for record_id in order:
-                if record_id in done:
-                    f.write(json.dumps(done[record_id], ensure_ascii=False) + "\n")
-        tmp.replace(self.output)
+        """Write ``output`` with every record in input order, remove the shards, score against references."""
+        records = self._existing()
+        missing = [i for i in order if i not in records]
+        predictions.write_in_order(self.path, records, order)
         for shard in self._shards():
             shard.unlink()
         if missing:
-            raise RuntimeError(f"{self.output}: {len(missing)} prompts have no prediction (first: {missing[0]!r})")
-        rank_zero_info(f"wrote {len(order)} predictions to {self.output}")
+            raise RuntimeError(f"{self.path}: {len(missing)} prompts have no prediction (first: {missing[0]!r})")
+        rank_zero_info(f"wrote {len(order)} predictions to {self.path}")
+        metrics = predictions.score(records[i] for i in order)
+        if metrics is not None:
+            self.metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+            rank_zero_info(
+                f"exact match {metrics['exact_match']:.1%}, contains match {metrics['contains_match']:.1%} "
+                f"over {metrics['scored']} prompts with a reference; {metrics['tokens_per_forward']:.2f} tokens "
+                f"per forward (written to {self.metrics_path})"
+            )
 
 
 def full_state_dict(trainer: L.Trainer) -> dict[str, torch.Tensor]:
@@ -168,17 +227,104 @@ class HFExport(L.Callback):
     take part) and rank 0 writes it.
 
     Args:
-        dirpath: output folder; ``AutoModelForCausalLM.from_pretrained(dirpath)`` loads it.
+        dirpath: output folder, default ``<trainer.default_root_dir>/hf``;
+            ``AutoModelForCausalLM.from_pretrained(dirpath)`` loads it.
     """
 
-    def __init__(self, dirpath: str = "hf_export"):
+    def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         state_dict = full_state_dict(trainer)
         if trainer.is_global_zero:
+            dirpath = self.dirpath or str(Path(trainer.default_root_dir) / "hf")
             prefix = "model."
             model_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-            pl_module.save_hf(self.dirpath, state_dict=model_state)
-            rank_zero_info(f"exported HF model and tokenizer to {self.dirpath}")
+            with _no_transformers_progress():  # a one-shard "Writing model shards" bar is noise
+                pl_module.save_hf(dirpath, state_dict=model_state)
+            rank_zero_info(f"exported HF model and tokenizer to {dirpath}")
         trainer.strategy.barrier()
+
+
+class _no_transformers_progress:
+    """Silence transformers' tqdm bars inside the block, restoring the previous setting."""
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self._was_enabled = logging.is_progress_bar_enabled()
+        logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        if self._was_enabled:
+            logging.enable_progress_bar()
+
+
+class LineProgress(ProgressBar):
+    """Progress as plain lines on stderr, for logs and redirected output.
+
+    A progress bar redraws one line with carriage returns, which shows nothing useful in a
+    file; the CLI picks this instead of Lightning's bar when stderr is not a terminal.
+
+    Args:
+        every_n_steps: a training line every this many optimizer steps; ``None`` uses the
+            trainer's ``log_every_n_steps``. Validation and prediction print about ten lines each.
+    """
+
+    def __init__(self, every_n_steps: int | None = None):
+        super().__init__()
+        self.every_n_steps = every_n_steps
+        self._enabled = True
+        self._start = time.monotonic()
+        self._last_step = -1
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled and self.trainer.is_global_zero
+
+    def _line(self, text: str, metrics: dict | None = None) -> None:
+        if not self.is_enabled:
+            return
+        shown = {k: v for k, v in (metrics or {}).items() if k != "v_num"}
+        numbers = "".join(f"  {k} {v:.4g}" if isinstance(v, float) else f"  {k} {v}" for k, v in shown.items())
+        elapsed = time.monotonic() - self._start
+        print(f"{text}{numbers}  [{elapsed:.0f} s]", file=sys.stderr, flush=True)
+
+    @staticmethod
+    def _due(done: int, total: float) -> bool:
+        """About ten lines per loop: every tenth of the total, and the last one."""
+        if total == float("inf") or total <= 0:
+            return done % 10 == 0
+        return done == total or done % max(1, int(total) // 10) == 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        every = self.every_n_steps or trainer.log_every_n_steps or 1
+        if step != self._last_step and (step % every == 0 or step == trainer.max_steps):
+            self._last_step = step
+            total = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
+            self._line(f"step {step}{total} (epoch {trainer.current_epoch})", self.get_metrics(trainer, pl_module))
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+            self._line(f"validation at step {trainer.global_step}:", metrics)
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.monotonic()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        total = trainer.num_predict_batches[dataloader_idx]
+        if self._due(batch_idx + 1, total):
+            self._line(f"predicted batch {batch_idx + 1}/{total}")
