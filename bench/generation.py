@@ -1,51 +1,42 @@
-"""Speed of block-EOS generation against Hugging Face greedy ``generate``.
+"""Speed of block generation against Hugging Face ``generate``, greedy and sampled, tiny and real models.
 
-What it measures, on a tiny randomly initialised ``Qwen2ForCausalLM`` (seeded;
-scale it with ``--hidden-size``, ``--layers``, ``--vocab-size``):
+Four sections, each timed in the same process (the ratios compare runs of one
+process on one machine):
 
-1. Method comparison, at batch 1 and batch 8, with a fixed budget of
-   ``--new-tokens`` generated tokens per row after a random prompt of
-   ``--prompt-length`` tokens:
+1. ``methods``: a tiny randomly initialised ``Qwen2ForCausalLM`` (seeded; hidden
+   ``--hidden-size``, ``--layers``, vocabulary ``--vocab-size``), batch 1 and 8,
+   ``--new-tokens`` per row after a random ``--prompt-length``-token prompt:
+   ``hf`` (``model.generate``, greedy), ``refine`` for N in {3, 7, 15} and R in
+   {1, 2, 3}, ``jacobi`` with a fixed draft of N in {3, 7, 15}, and ``jacobi``
+   with the adaptive draft (the default, up to N = 7 and 15).
+2. ``cache_scaling``: refine N=7 R=2 at batch 1, cached vs uncached, at
+   ``--cache-lengths`` new tokens.
+3. ``sampling``: the same tiny model with a 152,064-token vocabulary
+   (``--sampling-vocab``), greedy vs sampling at temperature 0.7, top-p 0.9:
+   one-token decoding (jacobi N=0), adaptive jacobi N=7, refine N=7 R=2 and HF,
+   batch 1 and 8; the ratio is sampled time / greedy time of the same method.
+4. ``real``: a real model (``--real-model``: an HF folder or a ``.gguf`` file,
+   e.g. SmolLM2-135M-Instruct from ``python -m dllm.models smollm2 --out
+   models/smollm2-135m``) on eight chat prompts with its own stop token, batch
+   1 and 8: HF, adaptive jacobi, fixed jacobi N=3 and 7, refine N=7 R=2.
+   Jacobi must reproduce HF's greedy text exactly (``matches_hf``). Skipped
+   with a message when no real model is given or found.
 
-   - ``hf``: ``model.generate(do_sample=False)``, one token per forward;
-   - ``refine``: ``dllm.iterative_generate(mode="refine")`` for
-     N (``add_eos_length``) in {3, 7, 15} and R (``refine_iter``) in {1, 2, 3};
-   - ``jacobi``: ``dllm.iterative_generate(mode="jacobi")`` for N in {3, 7, 15}.
-
-   For each: wall time, tokens/s (generated tokens of all rows per second),
-   tokens per forward (per sequence), model forwards, and the ratio to HF
-   generate's tokens/s at the same batch size. For refine the table also shows
-   the target ``0.8 x (N+1)/R x HF`` and whether it is met.
-
-2. Cache scaling: refine N=7 R=2 at batch 1 with ``use_cache=True`` and
-   ``use_cache=False`` at 128, 512 and 1,024 new tokens. With the cache a
-   forward reads only the new columns, so the cost grows about linearly with
-   the length; without it every forward re-reads the whole sequence, so the
-   cost grows about quadratically. The table prints the speedup
-   cached/uncached and each time relative to the shortest length.
-
-The stop id is the last vocabulary id, and its ``lm_head`` row is set to the
-mean of the other rows: its logit is then the mean of the other logits, never
-above their maximum, and ``argmax`` returns the first maximal index, so the
-random model never emits it. Every method therefore generates the full budget
-(checked, and recorded as ``full_budget`` in the JSON). Each configuration is
-run once untimed as a warm-up, then ``--repeats`` times; the best time counts.
+On the tiny models the stop id is the last vocabulary id and its ``lm_head``
+row is the mean of the others: its logit is never the largest, so greedy
+decoding never emits it and every method generates the full budget (checked:
+``full_budget``). Tokens/s counts the generated tokens of all rows. Each
+configuration runs once untimed, then ``--repeats`` times; the best counts.
 Times come from ``time.perf_counter`` (after ``torch.cuda.synchronize`` on cuda).
 
-Both tables are printed as markdown and all measurements go to ``--out`` as
-JSON, with the device, dtype, torch/transformers versions and thread count.
+Run it on CPU (from the repository root; the timed runs of docs/generation.md
+took the shared lock)::
 
-Run it on CPU (from the repository root)::
-
-    python bench/generation.py --device cpu --dtype float32 --threads 2
+    python bench/generation.py --threads 1 --repeats 3 --real-model models/smollm2-135m
 
 A smoke run of a few seconds::
 
     python bench/generation.py --quick --out /tmp/generation.json
-
-On a GPU::
-
-    python bench/generation.py --device cuda --dtype bfloat16 --hidden-size 1024 --layers 16 --repeats 3
 """
 
 from __future__ import annotations
@@ -62,13 +53,25 @@ from pathlib import Path
 import torch
 import transformers
 from tqdm import tqdm
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from dllm import iterative_generate  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+SAMPLING = {"temperature": 0.7, "top_p": 0.9}
+DEFAULT_REAL = Path("models/smollm2-135m")
+REAL_PROMPTS = [
+    "Write a short story about a robot who learns to paint.",
+    "Explain why the sky is blue.",
+    "Describe a sunset over the ocean.",
+    "How do I bake bread at home?",
+    "Write a poem about autumn leaves.",
+    "Summarize the plot of Romeo and Juliet.",
+    "What are the benefits of regular exercise?",
+    "Tell me about the history of the bicycle.",
+]
 
 
 @dataclass
@@ -76,20 +79,35 @@ class Config:
     """One timed generation setting.
 
     Attributes:
+        section: ``"methods"``, ``"cache"``, ``"sampling"`` or ``"real"``.
         method: ``"hf"``, ``"refine"`` or ``"jacobi"``.
         batch: rows generated together.
         new_tokens: generated tokens per row (the budget).
         n: ``add_eos_length`` (refine/jacobi), ``None`` for hf.
         r: ``refine_iter`` (refine), ``None`` otherwise.
+        adaptive: jacobi's adaptive draft length (``None`` for other methods).
         use_cache: whether the KV cache is used.
+        sampled: temperature 0.7, top-p 0.9 instead of greedy.
     """
 
+    section: str
     method: str
     batch: int
     new_tokens: int
     n: int | None = None
     r: int | None = None
+    adaptive: bool | None = None
     use_cache: bool = True
+    sampled: bool = False
+
+    @property
+    def label(self) -> str:
+        """A short name: ``hf``, ``refine N=7 R=2``, ``jacobi N=7 adaptive`` ..."""
+        if self.method == "hf":
+            return "hf"
+        if self.method == "refine":
+            return f"refine N={self.n} R={self.r}"
+        return f"jacobi N={self.n}" + (" adaptive" if self.adaptive else "")
 
 
 @dataclass
@@ -105,6 +123,7 @@ class Result:
         tokens_per_forward: generated tokens per forward, per sequence.
         tokens_per_s: ``generated_tokens / seconds``.
         full_budget: every row generated exactly ``new_tokens`` tokens.
+        matches_hf: the rows equal HF greedy's (real model; ``None`` elsewhere).
     """
 
     config: Config
@@ -115,6 +134,26 @@ class Result:
     tokens_per_forward: float = 0.0
     tokens_per_s: float = 0.0
     full_budget: bool = True
+    matches_hf: bool | None = None
+
+
+@dataclass
+class Workload:
+    """A model with its prompts and stop id.
+
+    Attributes:
+        model: the causal LM (eval mode).
+        stop_id: the stop (and placeholder) id.
+        pad_id: the padding id.
+        prompts: per batch size, ``(input_ids, attention_mask)`` (left-padded).
+        name: what the model is.
+    """
+
+    model: torch.nn.Module
+    stop_id: int
+    pad_id: int
+    prompts: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    name: str
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,10 +168,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run the model (default: cpu)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (default: float32)")
-    p.add_argument("--hidden-size", type=int, default=128, help="model hidden size (default: 128)")
-    p.add_argument("--layers", type=int, default=4, help="number of transformer layers (default: 4)")
-    p.add_argument("--vocab-size", type=int, default=384, help="vocabulary size (default: 384)")
+    p.add_argument("--hidden-size", type=int, default=128, help="tiny model hidden size (default: 128)")
+    p.add_argument("--layers", type=int, default=4, help="tiny model layers (default: 4)")
+    p.add_argument("--vocab-size", type=int, default=384, help="tiny model vocabulary (default: 384)")
+    p.add_argument("--sampling-vocab", type=int, default=152064, help="vocabulary of the sampling model (152064)")
     p.add_argument("--new-tokens", type=int, default=256, help="generated tokens per row (default: 256)")
+    p.add_argument("--sampling-new-tokens", type=int, default=128, help="... in the sampling section (default: 128)")
+    p.add_argument("--real-new-tokens", type=int, default=128, help="most tokens per row, real model (default: 128)")
     p.add_argument("--prompt-length", type=int, default=32, help="random prompt length (default: 32)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
     p.add_argument(
@@ -142,13 +184,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[128, 512, 1024],
         help="new-token budgets of the cached vs uncached comparison (default: 128 512 1024)",
     )
+    p.add_argument(
+        "--real-model",
+        type=Path,
+        default=None,
+        help=f"HF folder or .gguf file of a real model (default: {DEFAULT_REAL} when it exists)",
+    )
+    p.add_argument("--sections", nargs="+", default=["methods", "cache", "sampling", "real"], help="what to run")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the best counts (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model weights and prompts (default: 0)")
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 32 new tokens, prompt 16, N=3 only, cache lengths 32 64, 1 thread unless --threads",
+        help="smoke run: 32 new tokens (16 sampled), prompt 16, N=3 only, cache lengths 32 64, no real model",
     )
     p.add_argument(
         "--out",
@@ -162,20 +211,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def block_sizes(quick: bool) -> tuple[list[int], list[int]]:
-    """The N and R values to sweep.
+def apply_quick(args: argparse.Namespace) -> None:
+    """Shrink the run to the smoke configuration when ``--quick`` is given.
 
     Args:
-        quick: use the smoke configuration.
-
-    Returns:
-        ``(ns, rs)``: ``add_eos_length`` and ``refine_iter`` values.
+        args: the parsed options, changed in place.
     """
-    return ([3], [1, 2, 3]) if quick else ([3, 7, 15], [1, 2, 3])
+    if args.quick:
+        args.new_tokens, args.sampling_new_tokens, args.prompt_length = 32, 16, 16
+        args.cache_lengths, args.repeats = [32, 64], 1
+        args.threads = args.threads or 1  # a tiny model gains nothing from threads on a shared CPU
+        if args.real_model is None:
+            args.sections = [s for s in args.sections if s != "real"]
+
+
+# --- configurations ---------------------------------------------------------------------
 
 
 def method_configs(batch_sizes: list[int], new_tokens: int, quick: bool) -> list[Config]:
-    """Configurations of the method comparison: hf, refine (N x R) and jacobi (N), per batch size.
+    """The method comparison: hf, refine (N x R), fixed and adaptive jacobi, per batch size.
 
     Args:
         batch_sizes: batch sizes to run.
@@ -185,77 +239,125 @@ def method_configs(batch_sizes: list[int], new_tokens: int, quick: bool) -> list
     Returns:
         The configurations, hf first within each batch size.
     """
-    ns, rs = block_sizes(quick)
+    ns, rs = ([3], [1, 2, 3]) if quick else ([3, 7, 15], [1, 2, 3])
+    adaptive_ns = [3] if quick else [7, 15]
     configs = []
     for batch in batch_sizes:
-        configs.append(Config("hf", batch, new_tokens))
-        configs += [Config("refine", batch, new_tokens, n, r) for n in ns for r in rs]
-        configs += [Config("jacobi", batch, new_tokens, n) for n in ns]
+        configs.append(Config("methods", "hf", batch, new_tokens))
+        configs += [Config("methods", "refine", batch, new_tokens, n, r) for n in ns for r in rs]
+        configs += [Config("methods", "jacobi", batch, new_tokens, n, adaptive=False) for n in ns]
+        configs += [Config("methods", "jacobi", batch, new_tokens, n, adaptive=True) for n in adaptive_ns]
     return configs
 
 
 def cache_configs(lengths: list[int]) -> list[Config]:
-    """Configurations of the cache scaling: refine N=7 R=2, batch 1, cached and uncached.
+    """Refine N=7 R=2, batch 1, cached and uncached at each length."""
+    return [Config("cache", "refine", 1, length, 7, 2, use_cache=use) for length in lengths for use in (True, False)]
+
+
+def sampling_configs(batch_sizes: list[int], new_tokens: int) -> list[Config]:
+    """Greedy then sampled, per method and batch size: one-token, adaptive jacobi, refine, hf."""
+    configs = []
+    for batch in batch_sizes:
+        for method, n, r, adaptive in [("hf", None, None, None), ("jacobi", 0, None, True),
+                                       ("jacobi", 7, None, True), ("refine", 7, 2, None)]:  # fmt: skip
+            for sampled in (False, True):
+                configs.append(Config("sampling", method, batch, new_tokens, n, r, adaptive, sampled=sampled))
+    return configs
+
+
+def real_configs(batch_sizes: list[int], new_tokens: int) -> list[Config]:
+    """HF, adaptive jacobi, fixed jacobi N=3 and 7, refine N=7 R=2 on the real model."""
+    configs = []
+    for batch in batch_sizes:
+        configs.append(Config("real", "hf", batch, new_tokens))
+        configs.append(Config("real", "jacobi", batch, new_tokens, 7, adaptive=True))
+        configs += [Config("real", "jacobi", batch, new_tokens, n, adaptive=False) for n in (3, 7)]
+        configs.append(Config("real", "refine", batch, new_tokens, 7, 2))
+    return configs
+
+
+# --- models and prompts ------------------------------------------------------------------
+
+
+def tiny_workload(args: argparse.Namespace, vocab_size: int, batch_sizes: list[int]) -> Workload:
+    """A seeded random Qwen2 whose last vocabulary id is never the argmax, with random prompts.
 
     Args:
-        lengths: new-token budgets.
+        args: the parsed options (model size, dtype, device, seed, prompt length).
+        vocab_size: the vocabulary size.
+        batch_sizes: batch sizes to make prompts for.
 
     Returns:
-        The configurations, cached before uncached at each length.
-    """
-    return [Config("refine", 1, length, 7, 2, use_cache) for length in lengths for use_cache in (True, False)]
-
-
-def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, int]:
-    """A seeded random Qwen2 model whose last vocabulary id is never generated.
-
-    Args:
-        args: the parsed options (model size, dtype, device, seed).
-
-    Returns:
-        ``(model, stop_id)``: the model in eval mode, and the id used as EOS.
+        The workload.
     """
     torch.manual_seed(args.seed)
-    heads = 4
     config = Qwen2Config(
-        vocab_size=args.vocab_size,
+        vocab_size=vocab_size,
         hidden_size=args.hidden_size,
         intermediate_size=3 * args.hidden_size,
         num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_attention_heads=4,
+        num_key_value_heads=4,
         max_position_embeddings=4096,
         tie_word_embeddings=False,
     )
     model = Qwen2ForCausalLM(config)
-    stop_id = args.vocab_size - 1
+    stop_id = vocab_size - 1
     with torch.no_grad():
         weight = model.lm_head.weight
         weight[stop_id] = weight[:stop_id].mean(0)  # its logit is the mean of the others: never the argmax
     model = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
-    model.generation_config.eos_token_id = stop_id
-    model.generation_config.pad_token_id = stop_id
-    return model, stop_id
+    prompts = {}
+    for batch in batch_sizes:
+        gen = torch.Generator().manual_seed(args.seed + batch)
+        ids = torch.randint(0, vocab_size, (batch, args.prompt_length), generator=gen)
+        ids[ids == stop_id] = 0
+        prompts[batch] = (ids.to(args.device), torch.ones_like(ids).to(args.device))
+    name = f"Qwen2 hidden {args.hidden_size}, {args.layers} layers, vocabulary {vocab_size} (random)"
+    return Workload(model, stop_id, stop_id, prompts, name)
 
 
-def make_prompts(batch: int, length: int, vocab: int, stop_id: int, seed: int, device: str) -> torch.Tensor:
-    """Random prompts ``[batch, length]`` that never contain the stop id.
+def find_real_model(path: Path | None) -> Path | None:
+    """The real model to benchmark: ``path``, else ``models/smollm2-135m`` if present, else ``None``."""
+    if path is not None:
+        return path
+    return DEFAULT_REAL if (DEFAULT_REAL / "config.json").exists() else None
+
+
+def real_workload(path: Path, args: argparse.Namespace, batch_sizes: list[int]) -> Workload:
+    """Load a real model (HF folder or ``.gguf``) and chat prompts, left-padded.
 
     Args:
-        batch: rows.
-        length: tokens per row.
-        vocab: vocabulary size.
-        stop_id: the id to leave out (the last one).
-        seed: generator seed.
-        device: where to put the tensor.
+        path: the folder or GGUF file.
+        args: the parsed options (device, dtype).
+        batch_sizes: batch sizes to make prompts for (the first ``b`` of :data:`REAL_PROMPTS`).
 
     Returns:
-        The prompt ids.
+        The workload; the stop id is the model's EOS.
     """
-    gen = torch.Generator().manual_seed(seed + batch)
-    ids = torch.randint(0, vocab, (batch, length), generator=gen)
-    ids[ids == stop_id] = 0
-    return ids.to(device)
+    folder, extra = (path.parent, {"gguf_file": path.name}) if path.suffix == ".gguf" else (path, {})
+    tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[args.dtype], **extra).to(args.device).eval()
+    prompts = {}
+    for batch in batch_sizes:
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+            if tokenizer.chat_template
+            else q
+            for q in (REAL_PROMPTS * 8)[:batch]
+        ]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        prompts[batch] = (enc.input_ids.to(args.device), enc.attention_mask.to(args.device))
+    stop = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    name = f"{path} ({type(model).__name__}, {params:.1f}M parameters, vocabulary {model.config.vocab_size})"
+    return Workload(model, stop, pad, prompts, name)
+
+
+# --- running ---------------------------------------------------------------------------
 
 
 class ForwardCounter:
@@ -274,144 +376,163 @@ class ForwardCounter:
 
 
 def sync(device: str) -> None:
-    """Wait for queued GPU work (no-op on CPU).
-
-    Args:
-        device: ``"cpu"`` or ``"cuda"``.
-    """
+    """Wait for queued GPU work (no-op on CPU)."""
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def generate_once(model, ids: torch.Tensor, cfg: Config, stop_id: int) -> tuple[torch.Tensor, int, float]:
+def generate_once(work: Workload, cfg: Config) -> tuple[list[list[int]], int, float]:
     """Run one generation.
 
     Args:
-        model: the causal LM.
-        ids: prompts ``[B, W]``.
+        work: model, prompts and stop id.
         cfg: what to run.
-        stop_id: EOS / pad id.
 
     Returns:
-        ``(new_tokens_per_row, forwards, tokens_per_forward)``.
+        ``(rows, forwards, tokens_per_forward)``: each row's generated tokens (stop token
+        included), the model calls, and generated tokens per forward per sequence.
     """
-    mask = torch.ones_like(ids)
+    ids, mask = work.prompts[cfg.batch]
+    sampling = dict(SAMPLING) if cfg.sampled else {}
+    width = ids.size(1)
     if cfg.method == "hf":
-        counter = ForwardCounter(model)
+        counter = ForwardCounter(work.model)
         try:
             with torch.inference_mode():
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    do_sample=False,
-                    max_new_tokens=cfg.new_tokens,
-                    eos_token_id=stop_id,
-                    pad_token_id=stop_id,
-                    use_cache=cfg.use_cache,
-                )
+                out = work.model.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=cfg.sampled, max_new_tokens=cfg.new_tokens,
+                    eos_token_id=work.stop_id, pad_token_id=work.pad_id, use_cache=cfg.use_cache, top_k=None,
+                    **sampling,
+                )  # fmt: skip
         finally:
             counter.close()
-        generated = out[:, ids.size(1) :]
-        new_tokens = (generated != stop_id).sum(-1).cpu()
-        return new_tokens, counter.calls, new_tokens.float().mean().item() / max(counter.calls, 1)
+        rows = []
+        for row in out[:, width:].tolist():
+            cut = row.index(work.stop_id) + 1 if work.stop_id in row else len(row)
+            rows.append(row[:cut])
+        return rows, counter.calls, sum(map(len, rows)) / max(cfg.batch * counter.calls, 1)
+    generator = torch.Generator(device=ids.device).manual_seed(0) if cfg.sampled else None
     out = iterative_generate(
-        model,
-        ids,
-        mask,
-        eos_token_id=stop_id,
-        pad_token_id=stop_id,
-        add_eos_length=cfg.n,
-        refine_iter=cfg.r or 1,
-        max_new_tokens=cfg.new_tokens,
-        mode=cfg.method,
-        use_cache=cfg.use_cache,
-        return_dict=True,
-    )
-    return out.new_tokens, out.num_forwards, out.tokens_per_forward
+        work.model, ids, mask, eos_token_id=work.stop_id, pad_token_id=work.pad_id, add_eos_length=cfg.n,
+        refine_iter=cfg.r or 1, max_new_tokens=cfg.new_tokens, mode=cfg.method, use_cache=cfg.use_cache,
+        adaptive_draft=bool(cfg.adaptive), generator=generator, return_dict=True, **sampling,
+    )  # fmt: skip
+    rows = [out.sequences[i, width : width + int(n)].tolist() for i, n in enumerate(out.new_tokens)]
+    return rows, out.num_forwards, out.tokens_per_forward
 
 
-def measure(model, cfg: Config, args: argparse.Namespace, stop_id: int) -> Result:
-    """Warm up once, then time ``args.repeats`` runs of one configuration and keep the best.
+def measure(work: Workload, cfg: Config, repeats: int, device: str, reference=None) -> Result:
+    """Warm up once, then time ``repeats`` runs of one configuration and keep the best.
 
     Args:
-        model: the causal LM.
+        work: model, prompts and stop id.
         cfg: what to run.
-        args: the parsed options (prompt length, seed, device, repeats).
-        stop_id: EOS / pad id.
+        repeats: timed runs.
+        device: ``"cpu"`` or ``"cuda"``.
+        reference: HF greedy's rows for the same batch (``matches_hf``), or ``None``.
 
     Returns:
         The measurements.
     """
-    ids = make_prompts(cfg.batch, args.prompt_length, args.vocab_size, stop_id, args.seed, args.device)
-    generate_once(model, ids, cfg, stop_id)  # warm-up
+    generate_once(work, cfg)  # warm-up
     times = []
-    for _ in range(args.repeats):
-        sync(args.device)
+    for _ in range(repeats):
+        sync(device)
         start = time.perf_counter()
-        new_tokens, forwards, tpf = generate_once(model, ids, cfg, stop_id)
-        sync(args.device)
+        rows, forwards, per_forward = generate_once(work, cfg)
+        sync(device)
         times.append(time.perf_counter() - start)
     best = min(times)
-    total = int(new_tokens.sum())
+    total = sum(len(r) for r in rows)
     return Result(
         config=cfg,
         seconds=best,
         all_seconds=times,
         generated_tokens=total,
         forwards=int(forwards),
-        tokens_per_forward=float(tpf),
+        tokens_per_forward=per_forward,
         tokens_per_s=total / best,
-        full_budget=bool((new_tokens == cfg.new_tokens).all()),
+        full_budget=all(len(r) == cfg.new_tokens for r in rows),
+        matches_hf=None if reference is None else rows == reference,
     )
 
 
-def target_ratio(cfg: Config) -> float | None:
-    """The issue's refine target as a multiple of HF tokens/s: ``0.8 x (N+1)/R``.
+# --- tables ----------------------------------------------------------------------------
+
+
+def rows_of(results: list[Result]) -> list[dict]:
+    """JSON rows with the ratio to HF at the same section and batch size (and to greedy when sampled).
 
     Args:
-        cfg: a configuration.
-
-    Returns:
-        The target ratio for refine, ``None`` for other methods.
-    """
-    return 0.8 * (cfg.n + 1) / cfg.r if cfg.method == "refine" else None
-
-
-def method_rows(results: list[Result]) -> list[dict]:
-    """Flatten method-comparison results into JSON rows with ratios to HF at the same batch size.
-
-    Args:
-        results: measurements of :func:`method_configs`.
+        results: measurements.
 
     Returns:
         One dict per result.
     """
-    hf = {r.config.batch: r.tokens_per_s for r in results if r.config.method == "hf"}
-    rows = []
+    hf = {(r.config.batch, r.config.sampled): r.tokens_per_s for r in results if r.config.method == "hf"}
+    greedy = {(r.config.label, r.config.batch): r.seconds for r in results if not r.config.sampled}
+    out = []
     for res in results:
         cfg = res.config
-        ratio = res.tokens_per_s / hf[cfg.batch] if cfg.batch in hf else None
-        target = target_ratio(cfg)
-        row = {**asdict(cfg), **{k: v for k, v in asdict(res).items() if k != "config"}}
-        row.update(
-            ratio_to_hf=ratio,
-            target_ratio=target,
-            target_met=None if target is None or ratio is None else ratio >= target,
+        row = {**asdict(cfg), "label": cfg.label, **{k: v for k, v in asdict(res).items() if k != "config"}}
+        base = hf.get((cfg.batch, False))
+        row["ratio_to_hf"] = res.tokens_per_s / base if base else None
+        if cfg.method == "refine" and cfg.section == "methods":
+            row["target_ratio"] = 0.8 * (cfg.n + 1) / cfg.r
+        if cfg.sampled:
+            row["time_vs_greedy"] = res.seconds / greedy[(cfg.label, cfg.batch)]
+        out.append(row)
+    return out
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    """Format a number for a table cell, ``-`` for ``None``."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def method_table(rows: list[dict], real: bool = False) -> str:
+    """Markdown table of a method comparison (tiny or real model).
+
+    Args:
+        rows: from :func:`rows_of`.
+        real: add the ``= HF`` column (lossless check).
+
+    Returns:
+        The table.
+    """
+    head = "| batch | method | forwards | tok/fwd | seconds | tok/s | x HF |" + (" = HF |" if real else "")
+    lines = [head, "|---:|---|---:|---:|---:|---:|---:|" + ("---|" if real else "")]
+    for r in rows:
+        short = "" if r["full_budget"] or real else " (short)"
+        line = (
+            f"| {r['batch']} | {r['label']}{short} | {r['forwards']} | {_fmt(r['tokens_per_forward'])} "
+            f"| {_fmt(r['seconds'], 3)} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['ratio_to_hf'])} |"
         )
-        rows.append(row)
-    return rows
+        if real:
+            line += " - |" if r["matches_hf"] is None else (" yes |" if r["matches_hf"] else " NO |")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def sampling_table(rows: list[dict]) -> str:
+    """Markdown table: greedy vs sampled seconds per method and batch size."""
+    lines = [
+        "| batch | method | greedy s | sampled s | sampled / greedy | greedy tok/s | sampled tok/s |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    greedy = {(r["label"], r["batch"]): r for r in rows if not r["sampled"]}
+    for r in rows:
+        if r["sampled"]:
+            g = greedy[(r["label"], r["batch"])]
+            lines.append(
+                f"| {r['batch']} | {r['label']} | {_fmt(g['seconds'], 3)} | {_fmt(r['seconds'], 3)} "
+                f"| {_fmt(r['time_vs_greedy'])}x | {_fmt(g['tokens_per_s'], 1)} | {_fmt(r['tokens_per_s'], 1)} |"
+            )
+    return "\n".join(lines)
 
 
 def cache_rows(results: list[Result]) -> list[dict]:
-    """Pair cached and uncached results per length, with the speedup and growth vs the shortest length.
-
-    Args:
-        results: measurements of :func:`cache_configs`.
-
-    Returns:
-        One dict per length: ``new_tokens``, ``cached``, ``uncached``, ``speedup``,
-        ``cached_growth``, ``uncached_growth`` (time / time at the shortest length).
-    """
+    """Pair cached and uncached results per length, with the speedup and growth vs the shortest length."""
     by_length: dict[int, dict[bool, Result]] = {}
     for res in results:
         by_length.setdefault(res.config.new_tokens, {})[res.config.use_cache] = res
@@ -433,71 +554,23 @@ def cache_rows(results: list[Result]) -> list[dict]:
     return rows
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    """Format a number for a table cell, ``-`` for ``None``."""
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def method_table(rows: list[dict]) -> str:
-    """Markdown table of the method comparison.
-
-    Args:
-        rows: from :func:`method_rows`.
-
-    Returns:
-        The table.
-    """
-    lines = [
-        "| batch | method | N | R | forwards | tok/fwd | seconds | tok/s | x HF | target x HF | met |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
-    ]
-    for r in rows:
-        met = "-" if r["target_met"] is None else ("yes" if r["target_met"] else "no")
-        budget = "" if r["full_budget"] else " (short)"
-        lines.append(
-            f"| {r['batch']} | {r['method']}{budget} | {r['n'] if r['n'] is not None else '-'} "
-            f"| {r['r'] if r['r'] is not None else '-'} | {r['forwards']} | {_fmt(r['tokens_per_forward'])} "
-            f"| {_fmt(r['seconds'], 3)} | {_fmt(r['tokens_per_s'], 1)} | {_fmt(r['ratio_to_hf'])} "
-            f"| {_fmt(r['target_ratio'])} | {met} |"
-        )
-    return "\n".join(lines)
-
-
 def cache_table(rows: list[dict]) -> str:
-    """Markdown table of the cache scaling.
-
-    Args:
-        rows: from :func:`cache_rows`.
-
-    Returns:
-        The table.
-    """
+    """Markdown table of the cache scaling."""
     lines = [
-        "| new tokens | cached s | uncached s | cached tok/s | uncached tok/s | speedup cached/uncached "
-        "| cached time growth | uncached time growth |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| new tokens | cached s | uncached s | speedup cached/uncached | cached time growth | uncached time growth |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         c, u = r["cached"], r["uncached"]
         lines.append(
-            f"| {r['new_tokens']} | {_fmt(c['seconds'], 3)} | {_fmt(u['seconds'], 3)} | {_fmt(c['tokens_per_s'], 1)} "
-            f"| {_fmt(u['tokens_per_s'], 1)} | {_fmt(r['speedup'])}x | {_fmt(r['cached_growth'])}x "
-            f"| {_fmt(r['uncached_growth'])}x |"
+            f"| {r['new_tokens']} | {_fmt(c['seconds'], 3)} | {_fmt(u['seconds'], 3)} | {_fmt(r['speedup'])}x "
+            f"| {_fmt(r['cached_growth'])}x | {_fmt(r['uncached_growth'])}x |"
         )
     return "\n".join(lines)
 
 
-def environment(args: argparse.Namespace, model: torch.nn.Module, stop_id: int) -> dict:
-    """What the numbers were measured on.
-
-    Args:
-        args: the parsed options.
-        model: the benchmarked model.
-        stop_id: the EOS id.
-
-    Returns:
-        Device, dtype, versions, threads, model shape and run settings.
-    """
+def environment(args: argparse.Namespace) -> dict:
+    """What the numbers were measured on: device, dtype, versions, threads, settings."""
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
     return {
         "device": args.device,
@@ -507,40 +580,32 @@ def environment(args: argparse.Namespace, model: torch.nn.Module, stop_id: int) 
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "model": {
-            "class": type(model).__name__,
-            "vocab_size": args.vocab_size,
-            "hidden_size": args.hidden_size,
-            "intermediate_size": 3 * args.hidden_size,
-            "layers": args.layers,
-            "heads": 4,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
-        "eos_token_id": stop_id,
         "prompt_length": args.prompt_length,
         "new_tokens": args.new_tokens,
+        "sampling": SAMPLING,
         "batch_sizes": args.batch_sizes,
-        "cache_lengths": args.cache_lengths,
         "repeats": args.repeats,
         "seed": args.seed,
         "quick": args.quick,
+        "argv": sys.argv[1:],
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
-def apply_quick(args: argparse.Namespace) -> None:
-    """Shrink the run to the smoke configuration when ``--quick`` is given.
-
-    Args:
-        args: the parsed options, changed in place.
-    """
-    if args.quick:
-        args.new_tokens, args.prompt_length, args.cache_lengths, args.repeats = 32, 16, [32, 64], 1
-        args.threads = args.threads or 1  # a tiny model gains nothing from threads on a shared CPU
+def run_section(work: Workload, configs: list[Config], args: argparse.Namespace, desc: str) -> list[Result]:
+    """Measure the configurations in order (HF greedy first per batch: the reference for ``matches_hf``)."""
+    results, reference = [], {}
+    for cfg in tqdm(configs, desc=desc, unit="cfg"):
+        ref = reference.get(cfg.batch) if cfg.section == "real" and cfg.method == "jacobi" else None
+        res = measure(work, cfg, args.repeats, args.device, ref)
+        if cfg.section == "real" and cfg.method == "hf":
+            reference[cfg.batch] = generate_once(work, cfg)[0]
+        results.append(res)
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run both benchmarks, print the tables and write the JSON.
+    """Run the sections, print the tables and write the JSON.
 
     Args:
         argv: command-line arguments; ``None`` reads ``sys.argv``.
@@ -552,24 +617,45 @@ def main(argv: list[str] | None = None) -> dict:
     apply_quick(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, stop_id = build_model(args)
-    configs = method_configs(args.batch_sizes, args.new_tokens, args.quick) + cache_configs(args.cache_lengths)
-    results = [measure(model, cfg, args, stop_id) for cfg in tqdm(configs, desc="configurations", unit="cfg")]
-    n_methods = len(configs) - 2 * len(args.cache_lengths)
-    report = {
-        "environment": environment(args, model, stop_id),
-        "methods": method_rows(results[:n_methods]),
-        "cache_scaling": cache_rows(results[n_methods:]),
-    }
+    report: dict = {"environment": environment(args)}
+    if "methods" in args.sections or "cache" in args.sections:
+        tiny = tiny_workload(args, args.vocab_size, sorted({*args.batch_sizes, 1}))
+        report["environment"]["tiny_model"] = tiny.name
+        if "methods" in args.sections:
+            results = run_section(tiny, method_configs(args.batch_sizes, args.new_tokens, args.quick), args, "methods")
+            report["methods"] = rows_of(results)
+            print(f"\n## Methods: {tiny.name}, prompt {args.prompt_length}, {args.new_tokens} new tokens per row\n")
+            print(method_table(report["methods"]))
+        if "cache" in args.sections:
+            report["cache_scaling"] = cache_rows(run_section(tiny, cache_configs(args.cache_lengths), args, "cache"))
+            print("\n## Cache scaling (refine N=7 R=2, batch 1)\n")
+            print(cache_table(report["cache_scaling"]))
+        del tiny
+    if "sampling" in args.sections:
+        big = tiny_workload(args, args.sampling_vocab, args.batch_sizes)
+        report["environment"]["sampling_model"] = big.name
+        configs = sampling_configs(args.batch_sizes, args.sampling_new_tokens)
+        report["sampling"] = rows_of(run_section(big, configs, args, "sampling"))
+        print(f"\n## Sampling (temperature 0.7, top-p 0.9) vs greedy: {big.name}, {args.sampling_new_tokens} tokens\n")
+        print(sampling_table(report["sampling"]))
+        del big
+    if "real" in args.sections:
+        path = find_real_model(args.real_model)
+        if path is None or not path.exists():
+            print(
+                f"\n## Real model: skipped: no model at {path or DEFAULT_REAL} "
+                "(python -m dllm.models smollm2 --out models/smollm2-135m, or --real-model PATH)"
+            )
+        else:
+            real = real_workload(path, args, args.batch_sizes)
+            report["environment"]["real_model"] = real.name
+            configs = real_configs(args.batch_sizes, args.real_new_tokens)
+            report["real"] = rows_of(run_section(real, configs, args, "real"))
+            print(f"\n## Real model: {real.name}, up to {args.real_new_tokens} new tokens, its own stop token\n")
+            print(method_table(report["real"], real=True))
     env = report["environment"]
-    print(
-        f"\n## Methods ({env['device']} {env['device_name']}, {env['dtype']}, threads={env['threads']}, "
-        f"prompt {args.prompt_length}, {args.new_tokens} new tokens per row)\n"
-    )
-    print(method_table(report["methods"]))
-    print("\n## Cache scaling (refine N=7 R=2, batch 1)\n")
-    print(cache_table(report["cache_scaling"]))
-    if not all(r["full_budget"] for r in report["methods"]):
+    print(f"\n{env['device']} {env['device_name']}, {env['dtype']}, threads={env['threads']}, best of {args.repeats}")
+    if not all(r["full_budget"] for r in report.get("methods", [])):
         print("\nwarning: some runs stopped before the budget; their tokens/s are not comparable", file=sys.stderr)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dllm import predictions
 from dllm.errors import UserError
+from dllm.strategies import forwards_are_collective
 
 
 class SampleGeneration(L.Callback):
@@ -44,7 +44,11 @@ class SampleGeneration(L.Callback):
         self.max_new_tokens = max_new_tokens
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not trainer.is_global_zero or trainer.datamodule is None:
+        if trainer.sanity_checking or trainer.datamodule is None:
+            return
+        # Rank 0 generates and prints. Where every forward is a collective (FSDP, ZeRO-3), all ranks must
+        # generate too, on the same prompts, or rank 0 would wait for them forever.
+        if not trainer.is_global_zero and not forwards_are_collective(trainer.strategy):
             return
         items = trainer.datamodule.val_set.items[: self.num_samples]
         if not items:
@@ -52,6 +56,8 @@ class SampleGeneration(L.Callback):
         batch = trainer.datamodule._collate()(items)
         batch = {k: v.to(pl_module.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         records = pl_module.generate_records(batch, max_new_tokens=self.max_new_tokens)
+        if not trainer.is_global_zero:
+            return
         lines = [f"step {trainer.global_step} samples:"]
         for rec in records:
             tpf = rec["new_tokens"] / max(rec["forwards"], 1)
@@ -139,7 +145,7 @@ class PredictionWriter(BasePredictionWriter):
                 predictions.repair_torn_tail(shard)
             existing = self._existing()
             prompts = {item["id"]: item["prompt"] for item in trainer.datamodule.predict_set.items}
-            why = predictions.mismatch(existing, prompts, asdict(pl_module.generation), self._model)
+            why = predictions.mismatch(existing, prompts, pl_module.generation.recorded(), self._model)
             if why:
                 raise UserError(
                     f"{self.path} already holds {len(existing)} predictions that this run may not reuse: {why}; "

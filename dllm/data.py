@@ -30,11 +30,12 @@ import lightning as L
 import torch
 from jinja2 import TemplateError
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from dllm import tasks as task_registry
 from dllm.errors import UserError
 from dllm.records import INTERNAL_KEYS, Record, check_arguments, field, is_messages, read_records
+from dllm.strategies import forwards_are_collective
 from dllm.tokenizer import render_chat, response_text
 
 # Keys a prediction record sets itself; an input field of the same name is replaced (the input's
@@ -475,12 +476,13 @@ class DLLMDataModule(L.LightningDataModule):
             drop_last=len(self.train_set) >= hp.batch_size,
         )
 
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+    def _eval_loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
         hp = self.hparams
         return DataLoader(
             dataset,
             batch_size=hp.val_batch_size or hp.batch_size,
             shuffle=False,
+            sampler=sampler,
             collate_fn=self._collate(),
             num_workers=hp.num_workers,
         )
@@ -489,4 +491,12 @@ class DLLMDataModule(L.LightningDataModule):
         return self._eval_loader(self.val_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.predict_set)
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        if not forwards_are_collective(strategy):
+            return self._eval_loader(self.predict_set)  # Lightning shards it without repeating a prompt
+        # Under FSDP / ZeRO-3 every rank must run as many batches as the others, so the last prompts are repeated
+        # to even out the ranks; the prediction writer keeps one record per id.
+        sampler = DistributedSampler(
+            self.predict_set, num_replicas=strategy.world_size, rank=strategy.global_rank, shuffle=False
+        )
+        return self._eval_loader(self.predict_set, sampler)

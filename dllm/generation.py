@@ -1,31 +1,24 @@
 """Block-EOS iterative generation for any Hugging Face causal LM.
 
-Two modes share one engine (see SPEC sections 2-4):
+Two modes share one engine (the contract is in ``docs/method.md``):
 
-- ``mode="refine"`` (the seed's method): append N EOS placeholders to the text
-  so far, read N+1 tokens off one forward, re-run the forward on the drafted
-  block up to ``refine_iter - 1`` times, commit the block, stop at EOS.
-- ``mode="jacobi"``: lossless. Keep a draft of N tokens after the committed
-  text; each forward verifies the draft and commits the longest confirmed
-  prefix plus one exact token, so the output is exactly greedy (or sampled)
-  next-token decoding, with fewer forwards when the drafts are good.
+- ``mode="refine"`` (the original method): append N EOS placeholders to the
+  text so far, read N+1 tokens off one forward, re-run the forward on the
+  drafted block up to ``refine_iter - 1`` times, commit the block, stop at EOS.
+- ``mode="jacobi"``: lossless. Keep a draft after the committed text; each
+  forward verifies the draft and commits the longest confirmed prefix plus one
+  exact token, so the output is exactly greedy (or sampled) next-token
+  decoding, with fewer forwards when the drafts are good. The draft length
+  adapts per forward to the measured acceptance and the measured cost of a
+  longer forward (``dllm.drafting``), down to plain one-token decoding.
 
-How the batch is laid out: every row lives on one shared column axis
-``[left padding | prompt | generated ...]`` with an attention mask, and
-``position_ids`` are ``cumsum(mask) - 1``. When rows commit different numbers
-of tokens in one forward (jacobi), the shorter rows get masked *holes*, so a
-row's tokens and positions are exactly what they would be if it ran alone.
-Finished rows leave the batch (their cache rows are dropped).
-
-The KV cache holds the committed columns. A forward reads the committed
-columns not yet cached plus the draft, projects only the last ``n + 1``
-positions (``logits_to_keep``), and tentative draft columns are rolled back
-with ``cache.crop(-n)``.
-
-Sampling draws Gumbel noise per (row, absolute position) from per-row seeds,
-so decoding is a deterministic function of the prefix: refine rounds converge
-the same way as under greedy, and jacobi accepts exactly what plain sampling
-would have produced.
+The rows share one column axis with masked holes where they committed different
+numbers of tokens (``dllm.batch``, which also keeps sliding windows exact);
+finished rows leave the batch. Sampling draws one keyed uniform per (seed, row
+key, position) (``dllm.sampling``), so decoding is a deterministic function of
+the prefix: refine rounds converge as under greedy, jacobi accepts exactly what
+plain sampling would have drawn, and a prompt's sample does not depend on its
+batch.
 
 Run a quick check on CPU::
 
@@ -34,14 +27,20 @@ Run a quick check on CPU::
 
 from __future__ import annotations
 
-import inspect
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from transformers import DynamicCache
+
+from dllm.batch import Batch, attention_layout, warn_one_row
+from dllm.drafting import DraftPolicy
+from dllm.rank_sync import RankSync, distributed
+from dllm.sampling import Sampler, draw_seed, filter_logits, prompt_keys, top_candidates
 
 Mode = Literal["refine", "jacobi"]
+__all__ = ["GenerateOutput", "TraceStep", "filter_logits", "iterative_generate"]
 
 
 @dataclass
@@ -55,11 +54,13 @@ class GenerateOutput:
             included).
         finish_reason: per row, ``"eos"`` (a stop id was generated) or
             ``"length"`` (``max_new_tokens`` or ``max_length`` reached).
-        num_forwards: model calls made for the whole batch.
+        num_forwards: model calls made for the batch (without ``sync_forwards``).
         forwards: ``[B]`` model calls each row took part in.
         tokens_per_forward: generated tokens per forward, per sequence:
             ``new_tokens.sum() / forwards.sum()``. For a single row this is
             total generated tokens / model calls.
+        sync_forwards: dummy forwards made while other ranks were still
+            generating (``sync_ranks=True``).
     """
 
     sequences: torch.Tensor
@@ -68,148 +69,42 @@ class GenerateOutput:
     num_forwards: int
     forwards: torch.Tensor
     tokens_per_forward: float
+    sync_forwards: int = 0
 
 
-# ----------------------------------------------------------------------------
-# Sampling: pure functions over logits
+@dataclass
+class TraceStep:
+    """One forward of the first row, as passed to ``iterative_generate(trace=...)``.
 
-
-def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
-    """Mask logits outside the top-k, then outside the nucleus top-p, with ``-inf``.
-
-    The nucleus keeps the smallest set of tokens whose probability reaches
-    ``top_p``, and always at least the most likely token.
-    """
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token when the tokens before it already reach top_p
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
-        drop_sorted[..., 0] = False
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-class PositionNoise:
-    """Gumbel noise fixed per (row, generated position).
-
-    Each row gets a seed drawn from ``generator``; the noise for generated
-    position ``t`` of that row comes from a fresh generator seeded with
-    ``seed + t``. Decoding ``argmax(logits / T + noise)`` then samples exactly
-    from ``softmax(logits / T)`` and is a deterministic function of the
-    prefix, whatever the block size or batch.
+    Attributes:
+        mode: ``"refine"`` or ``"jacobi"``.
+        block: refine: the block index; jacobi: the forward index.
+        round: refine: the round within the block (0 = the draft from
+            placeholders); jacobi: always 0.
+        draft: the tokens fed after the committed text: refine: placeholders,
+            then the previous round's block; jacobi: the draft being verified.
+        tokens: the decoded tokens: refine: the block; jacobi: the prediction
+            after the last committed token and after each draft token.
+        changed: per token: refine: differs from the previous round's block
+            (all True in round 0); jacobi: differs from the draft's guess for
+            that position (the last prediction had no guess: True).
+        top_ids: the 3 most likely ids per position.
+        top_probs: their probabilities (``softmax(logits / temperature)``, before
+            top-k/top-p).
+        accepted: jacobi: draft tokens committed by this forward (the confirmed
+            prefix; a calibration step commits only what every row confirmed);
+            refine: ``None``.
     """
 
-    def __init__(self, rows: int, generator: torch.Generator | None, device: torch.device):
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        self.seeds = torch.randint(0, 2**62, (rows,), generator=generator, device=gen_device).tolist()
-        self.device = device
-        self._cache: dict[tuple[int, int], torch.Tensor] = {}
-
-    def get(self, rows: list[int], start: list[int], length: int, vocab: int) -> torch.Tensor:
-        """Noise ``[len(rows), length, V]`` for positions ``start[i] ... start[i] + length - 1``."""
-        out = []
-        for row, first in zip(rows, start):
-            for key in [k for k in self._cache if k[0] == row and k[1] < first]:
-                del self._cache[key]  # committed positions are never needed again
-            row_noise = []
-            for pos in range(first, first + length):
-                if (row, pos) not in self._cache:
-                    gen = torch.Generator(device=self.device).manual_seed(self.seeds[row] + pos)
-                    u = torch.rand(vocab, generator=gen, device=self.device, dtype=torch.float64)
-                    self._cache[(row, pos)] = -torch.log(-torch.log(u.clamp(1e-300, 1 - 1e-16)))
-                row_noise.append(self._cache[(row, pos)])
-            out.append(torch.stack(row_noise))
-        return torch.stack(out)
-
-
-def pick_tokens(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    noise: torch.Tensor | None,
-) -> torch.Tensor:
-    """Greedy (``temperature == 0``) or Gumbel-max sampling of ``[b, n, V]`` logits."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    scores = filter_logits(logits.double() / temperature, top_k, top_p)
-    return (scores + noise).argmax(-1)
-
-
-# ----------------------------------------------------------------------------
-# The batch on a shared column axis, with its KV cache
-
-
-class _Batch:
-    """Active rows, their committed columns, mask and KV cache.
-
-    ``ids``/``mask`` hold every committed column (prompt, generated tokens and
-    masked holes). The cache holds the first ``cached`` columns; the rest are
-    fed on the next forward together with the draft.
-    """
-
-    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool):
-        self.model = model
-        self.ids = input_ids
-        self.mask = attention_mask
-        self.rows = list(range(input_ids.size(0)))  # original row index of each active row
-        self.cache = DynamicCache(config=model.config) if use_cache else None
-        self.cached = 0
-        self.num_forwards = 0
-        params = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self._has_logits_to_keep = "logits_to_keep" in params
-
-    def forward(self, draft: torch.Tensor) -> torch.Tensor:
-        """Logits ``[b, n + 1, V]`` at the last committed column and each draft column."""
-        n = draft.size(1)
-        new_ids = torch.cat([self.ids[:, self.cached :], draft], dim=1)
-        mask = torch.cat([self.mask, self.mask.new_ones(draft.shape)], dim=1)
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, self.cached :]
-        kwargs = {"input_ids": new_ids, "attention_mask": mask, "position_ids": position_ids}
-        if self.cache is not None:
-            kwargs[self._cache_kwarg] = self.cache
-            kwargs["use_cache"] = True
-        else:
-            kwargs["use_cache"] = False
-        if self._has_logits_to_keep:
-            kwargs["logits_to_keep"] = n + 1
-        logits = self.model(**kwargs).logits[:, -(n + 1) :]
-        self.num_forwards += 1
-        if self.cache is not None:
-            self.cached = mask.size(1)
-        return logits
-
-    def rollback(self, columns: int) -> None:
-        """Keep the cache for the first ``columns`` columns only (drop tentative ones).
-
-        The last committed column always stays out of the cache: the next
-        forward must read it to predict the token after it.
-        """
-        columns = min(columns, self.ids.size(1) - 1)
-        if self.cache is not None and columns < self.cached:
-            self.cache.crop(columns - self.cached)
-            self.cached = columns
-
-    def commit(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
-        """Append committed columns (``mask`` 0 marks a hole)."""
-        self.ids = torch.cat([self.ids, tokens], dim=1)
-        self.mask = torch.cat([self.mask, mask.to(self.mask.dtype)], dim=1)
-
-    def keep(self, keep: torch.Tensor) -> None:
-        """Keep only the active rows where ``keep`` is True."""
-        if bool(keep.all()):
-            return
-        index = keep.nonzero().squeeze(1)
-        self.ids, self.mask = self.ids[index], self.mask[index]
-        self.rows = [self.rows[i] for i in index.tolist()]
-        if self.cache is not None and self.cached > 0:
-            self.cache.batch_select_indices(index)
+    mode: str
+    block: int
+    round: int
+    draft: list[int]
+    tokens: list[int]
+    changed: list[bool]
+    top_ids: list[list[int]]
+    top_probs: list[list[float]]
+    accepted: int | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -228,6 +123,7 @@ def _check_inputs(
     temperature,
     top_k,
     top_p,
+    sample_keys,
 ) -> torch.Tensor:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -255,6 +151,8 @@ def _check_inputs(
         raise ValueError(f"top_k must be >= 1 (or None), got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
+    if sample_keys is not None and len(sample_keys) != input_ids.size(0):
+        raise ValueError(f"sample_keys must hold one int per row ({input_ids.size(0)}), got {len(sample_keys)}")
     lengths = attention_mask.sum(-1)
     for row, length in enumerate(lengths.tolist()):
         if length == 0:
@@ -291,10 +189,14 @@ def iterative_generate(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    sample_keys: Sequence[int] | None = None,
     use_cache: bool = True,
+    adaptive_draft: bool = True,
+    sync_ranks: bool = False,
+    trace: Callable[[TraceStep], None] | None = None,
     return_dict: bool = False,
 ) -> torch.Tensor | GenerateOutput:
-    """Generate a block of tokens per forward pass (SPEC sections 2-4).
+    """Generate a block of tokens per forward pass (refine), or exactly greedy/sampled text in fewer forwards (jacobi).
 
     Args:
         model: any Hugging Face causal LM (``AutoModelForCausalLM``).
@@ -302,8 +204,8 @@ def iterative_generate(
         attention_mask: ``[B, W]``, 0 on padding. ``None`` means no padding.
         eos_token_id: stop id or list of stop ids; the first is the placeholder.
         pad_token_id: fills the output after a row stops; defaults to the first eos id.
-        add_eos_length: N, placeholders per block; a block yields N + 1 tokens
-            (jacobi: draft length N).
+        add_eos_length: N, placeholders per block; a block yields N + 1 tokens.
+            Jacobi: the longest draft.
         refine_iter: R >= 1 forwards per block in refine mode (1 = draft only).
         max_new_tokens: generated tokens per row, never exceeded.
         max_length: unpadded prompt + generated tokens per row, never exceeded.
@@ -311,8 +213,19 @@ def iterative_generate(
         temperature: 0 for greedy, else sampling temperature.
         top_k: keep the k most likely tokens when sampling.
         top_p: nucleus threshold when sampling.
-        generator: ``torch.Generator`` for reproducible sampling.
+        generator: ``torch.Generator`` that gives the call's base seed (one draw);
+            ``None`` draws it from torch's global generator.
+        sample_keys: one int per row keying its random numbers (e.g. a hash of the
+            record id); ``None`` keys each row by its unpadded prompt ids. A row's
+            sample depends only on (seed, key, position), never on its batch.
         use_cache: reuse the committed prefix's KV cache (same tokens either way).
+        adaptive_draft: jacobi: choose each draft length from 0 to N by measured
+            acceptance and measured forward cost; ``False`` always drafts N.
+        sync_ranks: under ``torch.distributed``, keep calling forward on a dummy
+            row until every rank is done (FSDP / DeepSpeed ZeRO-3, where each
+            forward is a collective). No effect without an initialised process group.
+        trace: called after every forward with a :class:`TraceStep` for the first
+            row (while it is generating).
         return_dict: return a :class:`GenerateOutput` instead of the tensor.
 
     Returns:
@@ -331,67 +244,117 @@ def iterative_generate(
         temperature,
         top_k,
         top_p,
+        sample_keys,
     )
     pad = eos_ids[0] if pad_token_id is None else pad_token_id
-    rows = input_ids.size(0)
+    rows, width = input_ids.shape
     prompt_lengths = attention_mask.sum(-1).tolist()
     budgets = [min(max_new_tokens, max_length - p) for p in prompt_lengths]
+    sampler = Sampler(temperature, top_k, top_p, draw_seed(generator) if temperature > 0 else 0)
+    keys = [0] * rows
+    if temperature > 0:
+        keys = list(sample_keys) if sample_keys is not None else prompt_keys(input_ids, attention_mask)
+    sync = RankSync(input_ids.device) if sync_ranks and distributed() else None
+    settings = dict(
+        eos_ids=eos_ids,
+        sampler=sampler,
+        mode=mode,
+        n=add_eos_length,
+        r=refine_iter,
+        adaptive=adaptive_draft,
+        sync=sync,
+    )
 
-    batch = _Batch(model, input_ids, attention_mask, use_cache)
-    noise = PositionNoise(rows, generator, input_ids.device) if temperature > 0 else None
-    run = _Run(batch, eos_ids, budgets, temperature, top_k, top_p, noise)
-    if mode == "refine":
-        _refine_loop(run, add_eos_length, refine_iter)
-    else:
-        _jacobi_loop(run, add_eos_length)
+    layout = attention_layout(model)
+    kind = layout[0]
+    if kind in ("plain", "window"):
+        run = _decode(model, input_ids, attention_mask, budgets, keys, use_cache, layout, trace, **settings)
+        generated, reasons, forwards, num_forwards = run.generated, run.finish_reason, run.forwards, run.num_forwards
+    else:  # one row at a time: no padding, no holes, the model's own masks
+        if rows > 1:
+            warn_one_row(model, kind)
+        generated, reasons, forwards, num_forwards = [], [], [], 0
+        for row in range(rows):
+            ids = input_ids[row : row + 1, width - prompt_lengths[row] :]
+            cached = use_cache and kind == "one-row"
+            row_trace = trace if row == 0 else None
+            run = _decode(
+                model, ids, torch.ones_like(ids), budgets[row : row + 1], keys[row : row + 1], cached, layout,
+                row_trace, **settings,
+            )  # fmt: skip
+            generated += run.generated
+            reasons += run.finish_reason
+            forwards += run.forwards
+            num_forwards += run.num_forwards
+    if sync is not None:
+        sync.finish(model, pad, input_ids.device)
 
-    width = max(len(g) for g in run.generated)
-    generated = input_ids.new_full((rows, width), pad)
-    for row, tokens in enumerate(run.generated):
-        generated[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
-    sequences = torch.cat([input_ids, generated], dim=1)
+    longest = max(len(g) for g in generated)
+    out = input_ids.new_full((rows, longest), pad)
+    for row, tokens in enumerate(generated):
+        out[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+    sequences = torch.cat([input_ids, out], dim=1)
     if not return_dict:
         return sequences
-    new_tokens = torch.tensor([len(g) for g in run.generated])
-    forwards = torch.tensor(run.forwards)
+    new_tokens = torch.tensor([len(g) for g in generated])
+    forwards = torch.tensor(forwards)
     return GenerateOutput(
         sequences=sequences,
         new_tokens=new_tokens,
-        finish_reason=run.finish_reason,
-        num_forwards=batch.num_forwards,
+        finish_reason=reasons,
+        num_forwards=num_forwards,
         forwards=forwards,
         tokens_per_forward=new_tokens.sum().item() / max(forwards.sum().item(), 1),
+        sync_forwards=sync.dummies if sync is not None else 0,
     )
 
 
-class _Run:
-    """Per-row bookkeeping shared by both modes: generated tokens, budgets, stops."""
+def _decode(model, input_ids, attention_mask, budgets, keys, use_cache, layout, trace, **settings) -> _Run:
+    """Run one batch in one mode; returns the finished :class:`_Run`."""
+    batch = Batch(model, input_ids, attention_mask, use_cache, layout)
+    run = _Run(batch, settings["eos_ids"], budgets, settings["sampler"], keys, trace, settings["sync"])
+    if settings["mode"] == "refine":
+        _refine_loop(run, settings["n"], settings["r"])
+    else:
+        clock = time.process_time if input_ids.device.type == "cpu" else time.perf_counter
+        policy = DraftPolicy(settings["n"], len(budgets), settings["adaptive"], clock)
+        _jacobi_loop(run, settings["n"], policy)
+    run.num_forwards = batch.num_forwards
+    return run
 
-    def __init__(self, batch: _Batch, eos_ids, budgets, temperature, top_k, top_p, noise):
-        self.batch = batch
-        self.eos_ids = eos_ids
-        self.budgets = budgets
-        self.temperature, self.top_k, self.top_p, self.noise = temperature, top_k, top_p, noise
+
+class _Run:
+    """Per-row bookkeeping shared by both modes: generated tokens, budgets, stops, the trace."""
+
+    def __init__(self, batch: Batch, eos_ids, budgets, sampler: Sampler, keys, trace, sync):
+        self.batch, self.eos_ids, self.budgets = batch, eos_ids, budgets
+        self.sampler, self.keys, self.trace, self.sync = sampler, keys, trace, sync
+        self.placeholder = eos_ids[0]
         rows = len(budgets)
         self.generated: list[list[int]] = [[] for _ in range(rows)]
         self.finish_reason = ["length"] * rows
         self.forwards = [0] * rows
+        self.num_forwards = 0
         self._eos = torch.tensor(eos_ids, device=batch.ids.device)
 
     def remaining(self) -> list[int]:
         """Tokens each active row may still generate."""
         return [self.budgets[r] - len(self.generated[r]) for r in self.batch.rows]
 
-    def forward_and_pick(self, draft: torch.Tensor) -> torch.Tensor:
-        """One model call over the draft; the picked tokens ``[b, n + 1]``."""
+    def tracing(self) -> bool:
+        """Whether this forward is traced (a trace hook, and the first row still generating)."""
+        return self.trace is not None and self.batch.rows[0] == 0
+
+    def forward_and_pick(self, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One model call over the draft: the picked tokens ``[b, n + 1]`` and the logits."""
+        if self.sync is not None:
+            self.sync.before_forward()
         logits = self.batch.forward(draft)
         for r in self.batch.rows:
             self.forwards[r] += 1
-        noise = None
-        if self.noise is not None:
-            start = [len(self.generated[r]) for r in self.batch.rows]
-            noise = self.noise.get(self.batch.rows, start, logits.size(1), logits.size(-1))
-        return pick_tokens(logits, self.temperature, self.top_k, self.top_p, noise)
+        keys = [self.keys[r] for r in self.batch.rows] if not self.sampler.greedy else ()
+        starts = [len(self.generated[r]) for r in self.batch.rows] if not self.sampler.greedy else ()
+        return self.sampler.pick(logits, keys, starts), logits
 
     def accept(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Append ``tokens[i, :counts[i]]`` to each active row, cut at the first stop id.
@@ -399,6 +362,7 @@ class _Run:
         Returns a bool ``[b]``: which rows are still going.
         """
         is_stop = torch.isin(tokens, self._eos).tolist()
+        values = tokens.tolist()
         going = []
         for i, row in enumerate(self.batch.rows):
             count = counts[i]
@@ -406,65 +370,116 @@ class _Run:
             if stop is not None:
                 count = stop + 1
                 self.finish_reason[row] = "eos"
-            self.generated[row].extend(tokens[i, :count].tolist())
+            self.generated[row].extend(values[i][:count])
             going.append(stop is None and len(self.generated[row]) < self.budgets[row])
         return torch.tensor(going, device=tokens.device)
 
+    def emit(self, logits: torch.Tensor, length: int, **fields) -> None:
+        """Call the trace hook for the first row, with its top-3 candidates at ``length`` positions."""
+        top_ids, top_probs = top_candidates(logits[0, :length], self.sampler.temperature)
+        self.trace(TraceStep(top_ids=top_ids, top_probs=top_probs, **fields))
+
 
 def _refine_loop(run: _Run, add_eos_length: int, refine_iter: int) -> None:
-    """SPEC section 2: draft a block under EOS placeholders, refine it, commit it."""
-    batch, placeholder = run.batch, run.eos_ids[0]
+    """Draft a block under EOS placeholders, refine it, commit it."""
+    batch, placeholder = run.batch, run.placeholder
+    block_index = 0
     while batch.rows:
         counts = [min(add_eos_length + 1, r) for r in run.remaining()]
         k = max(counts)
-        start = batch.ids.size(1)
+        start = batch.width
         # 1. draft: k - 1 placeholders after the committed text
         draft = batch.ids.new_full((len(batch.rows), k - 1), placeholder)
-        block = run.forward_and_pick(draft)
+        block, logits = run.forward_and_pick(draft)
+        if run.tracing():
+            _trace_refine(run, logits, draft, block, None, counts[0], block_index, 0)
         # 2. refine: feed the block back until it stops changing
-        for _ in range(refine_iter - 1):
+        for round_index in range(1, refine_iter):
             if torch.equal(block[:, : k - 1], draft):
                 break  # the next round would read the same input: fixed point
             batch.rollback(start)
-            draft = block[:, : k - 1]
-            block = run.forward_and_pick(draft)
+            draft, previous = block[:, : k - 1], block
+            block, logits = run.forward_and_pick(draft)
+            if run.tracing():
+                _trace_refine(run, logits, draft, block, previous, counts[0], block_index, round_index)
         # 3. commit. The cache already holds the block's first k - 1 tokens
         # when the last forward read exactly them; otherwise roll back.
         if not torch.equal(block[:, : k - 1], draft):
             batch.rollback(start)
         going = run.accept(block, counts)
-        batch.commit(block, torch.ones_like(block))
+        batch.commit(block)
         batch.keep(going)
+        block_index += 1
 
 
-def _jacobi_loop(run: _Run, add_eos_length: int) -> None:
-    """SPEC section 3: verify a draft each forward; commit the confirmed prefix + 1."""
-    batch, placeholder = run.batch, run.eos_ids[0]
-    draft = batch.ids.new_full((len(batch.rows), add_eos_length), placeholder)
+def _trace_refine(run, logits, draft, block, previous, k, block_index, round_index) -> None:
+    tokens = block[0, :k].tolist()
+    before = previous[0, :k].tolist() if previous is not None else [None] * k
+    run.emit(
+        logits, k, mode="refine", block=block_index, round=round_index, draft=draft[0, : k - 1].tolist(),
+        tokens=tokens, changed=[t != p for t, p in zip(tokens, before)],
+    )  # fmt: skip
+
+
+def _jacobi_loop(run: _Run, add_eos_length: int, policy: DraftPolicy) -> None:
+    """Verify a draft each forward; commit the confirmed prefix + 1."""
+    batch, placeholder = run.batch, run.placeholder
+    # each row's next draft: its unconfirmed predictions, then placeholders
+    pending = batch.ids.new_full((len(batch.rows), add_eos_length), placeholder)
+    predicted = [0] * len(batch.rows)  # leading predictions in each row's pending draft
+    step = 0
     while batch.rows:
         remaining = run.remaining()
-        n = min(add_eos_length, max(remaining) - 1)  # never draft past every budget
-        start = batch.ids.size(1)
-        draft = draft[:, :n]
-        predicted = run.forward_and_pick(draft)  # [b, n + 1]
-        # accepted[i]: draft tokens confirmed by the forward (longest matching prefix)
-        accepted = (draft == predicted[:, :n]).long().cumprod(-1).sum(-1)
-        counts = [min(a + 1, r) for a, r in zip(accepted.tolist(), remaining)]
-        going = run.accept(predicted, counts)
+        b = len(batch.rows)
+        k = policy.choose(batch.rows, remaining)
+        policy.started(b * (k + 1), timed=step > 0)  # the prefill is not a decode step
+        draft = pending[:, :k]
+        tokens, logits = run.forward_and_pick(draft)  # [b, k + 1]
+        if k:
+            accepted = (draft == tokens[:, :k]).long().cumprod(-1).sum(-1)  # confirmed prefix per row
+            counts_accepted = confirmed = accepted.tolist()
+            if not policy.holes_ok():  # commit what every row confirmed; the rest stays in the drafts
+                accepted = accepted.clamp(max=min(confirmed))
+                counts_accepted = [min(confirmed)] * b
+        else:
+            accepted, counts_accepted = None, [0] * b
+            confirmed = counts_accepted
+        policy.accepted(batch.rows, k, confirmed, [p > 0 for p in predicted])
+        if run.tracing():
+            draft0, tokens0 = draft[0].tolist(), tokens[0].tolist()
+            run.emit(
+                logits, k + 1, mode="jacobi", block=step, round=0, draft=draft0, tokens=tokens0,
+                changed=[t != d for t, d in zip(tokens0, draft0)] + [True], accepted=counts_accepted[0],
+            )  # fmt: skip
+        going = run.accept(tokens, [min(a + 1, r) for a, r in zip(counts_accepted, remaining)])
         # Columns: the confirmed draft tokens (already cached), holes for rows that
         # confirmed fewer, then each row's new exact token, fed on the next forward.
-        most = int(accepted.max())
-        cols = torch.arange(most, device=draft.device)
-        batch.commit(draft[:, :most], cols[None, :] < accepted[:, None])
-        last = predicted.gather(1, accepted[:, None])
-        batch.commit(last, torch.ones_like(last))
+        most, start = max(counts_accepted), batch.width
+        batch.commit_draft(most, accepted if min(counts_accepted) < most else None)
+        batch.commit(tokens.gather(1, accepted[:, None]) if k else tokens)
         batch.rollback(start + most)  # the rejected draft columns
-        # next draft: the unconfirmed predictions, shifted, padded with placeholders
-        shifted = torch.full_like(predicted, placeholder)
-        index = accepted[:, None] + 1 + torch.arange(n + 1, device=draft.device)[None, :]
-        valid = index <= n
-        shifted[valid] = predicted.gather(1, index.clamp(max=n))[valid]
-        draft = torch.cat([shifted, shifted.new_full((shifted.size(0), add_eos_length), placeholder)], dim=1)
-        draft = draft[:, :add_eos_length]
-        batch.keep(going)
-        draft = draft[going] if not bool(going.all()) else draft
+        pending, predicted = _next_drafts(run, pending, predicted, tokens, accepted, k)
+        policy.finished()
+        step += 1
+        if not bool(going.all()):
+            batch.keep(going)
+            pending = pending[going]
+            predicted = [p for p, g in zip(predicted, going.tolist()) if g]
+
+
+def _next_drafts(run: _Run, pending, predicted: list[int], tokens, accepted, k: int):
+    """Each row's next draft, and how many of its leading tokens are predictions.
+
+    After a draft of ``k``: the predictions after the row's new token, then
+    placeholders. After no draft: the old draft minus its first token (the
+    guess for the position just committed).
+    """
+    if k:
+        steps = torch.arange(pending.size(1), device=tokens.device)[None, :]
+        index = accepted[:, None] + 1 + steps
+        pending = torch.where(index <= k, tokens.gather(1, index.clamp(max=k)), run.placeholder)
+        return pending, [k - a for a in accepted.tolist()]
+    if pending.size(1) and any(predicted):
+        pending = torch.cat([pending[:, 1:], torch.full_like(pending[:, :1], run.placeholder)], dim=1)
+        predicted = [max(p - 1, 0) for p in predicted]
+    return pending, predicted

@@ -3,12 +3,13 @@
 ``training_step`` runs the iterative-refine objective (``dllm.objective``);
 ``validation_step`` logs a seeded loss and generates for the validation
 prompts; ``predict_step`` runs block generation (``dllm.generation``) and
-returns one record per prompt (SPEC section 7). The model is an ordinary HF
+returns one record per prompt (docs/method.md, section 9). The model is an ordinary HF
 causal LM, loaded from ``pretrained`` or built from ``model_config``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -16,31 +17,39 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, SumMetric
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dllm.errors import UserError
 from dllm.generation import iterative_generate
 from dllm.objective import iterative_refine_loss
+from dllm.strategies import forwards_are_collective
 from dllm.tasks import TASKS, check_answer
 from dllm.tokenizer import BYTE_TOKENIZER, load_tokenizer
 
 
 @dataclass
 class GenerationSettings:
-    """How ``predict_step`` and validation generate (SPEC sections 2-4).
+    """How ``predict_step`` and validation generate (docs/method.md, sections 2-5).
 
     Args:
-        mode: ``"refine"`` (block drafting, the seed's method) or ``"jacobi"`` (lossless).
-        add_eos_length: N, EOS placeholders per block; a block yields N + 1 tokens.
+        mode: ``"refine"`` (block drafting, the original method) or ``"jacobi"`` (lossless: exactly greedy or
+            exactly sampled next-token decoding, in fewer forwards).
+        add_eos_length: N, EOS placeholders per block; a block yields N + 1 tokens. Jacobi: the longest draft.
         refine_iter: forwards per block in refine mode (1 = draft only).
         max_new_tokens: generated tokens per prompt.
         max_length: prompt + generated tokens per prompt.
         temperature: 0 for greedy, else sampling temperature.
         top_k: sample from the k most likely tokens.
         top_p: sample from the nucleus of this probability mass.
-        seed: sampling seed (each batch uses ``seed + batch index``).
+        seed: sampling seed. A prompt's random numbers depend only on (seed, its id, the position), so its
+            sample is the same whatever the batch, the number of devices or a resumed run.
         use_cache: reuse the KV cache of the committed prefix.
+        adaptive_draft: jacobi: choose each row's draft length (0 to N) from the measured acceptance and the
+            measured cost of a longer forward; false always drafts N.
+        trace: print the refinement of each batch's first prompt: per block and round (jacobi: per forward)
+            the decoded tokens, which changed, and the top-3 candidates with their probabilities.
     """
 
     mode: Literal["refine", "jacobi"] = "refine"
@@ -53,6 +62,8 @@ class GenerationSettings:
     top_p: float | None = None
     seed: int = 0
     use_cache: bool = True
+    adaptive_draft: bool = True
+    trace: bool = False
 
     def __post_init__(self) -> None:
         # Checked here, when the config is read, so a bad value fails before any model loads.
@@ -69,6 +80,10 @@ class GenerationSettings:
         for name, (ok, expected) in checks.items():
             if not ok:
                 raise UserError(f"model.generation.{name} must be {expected}, got {getattr(self, name)!r}")
+
+    def recorded(self) -> dict:
+        """The settings a prediction record stores: all but ``trace``, which only prints."""
+        return {name: value for name, value in asdict(self).items() if name != "trace"}
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -93,7 +108,7 @@ class DLLMModule(L.LightningModule):
         loss_weights: one weight per round; ``None`` = all 1.0.
         noise_min: lowest per-row share of response tokens replaced by EOS.
         noise_max: highest per-row share of response tokens replaced by EOS.
-        noise_schedule: ``"iid"`` (the seed's) or ``"block"`` (clean prefix + a run of EOS).
+        noise_schedule: ``"iid"`` (the original method's) or ``"block"`` (clean prefix + a run of EOS).
         noise_block_size: EOS run length for ``noise_schedule="block"``.
         ar_loss_weight: weight of an extra clean-input next-token loss (0 = off).
         loss_chunk_size: project the LM head this many positions at a time (large vocabularies).
@@ -142,7 +157,7 @@ class DLLMModule(L.LightningModule):
         self.save_hyperparameters(ignore=["generation"])
         self.generation = generation or GenerationSettings()
         if pretrained is None and model_config is None:
-            raise ValueError("set model.pretrained (an HF name or path) or model.model_config (a config dict)")
+            raise UserError("set model.pretrained (an HF name or path) or model.model_config (a config dict)")
         self.tokenizer = load_tokenizer(tokenizer or pretrained or BYTE_TOKENIZER, trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer)
         self.model = self._build_model()
@@ -225,7 +240,7 @@ class DLLMModule(L.LightningModule):
         if limit < 0 or batch_idx < limit:
             settings = {"max_new_tokens": min(self.generation.max_new_tokens, self.hparams.val_max_new_tokens)}
             start = time.perf_counter()
-            records = self.generate_records(batch, batch_idx, **settings)
+            records = self.generate_records(batch, **settings)
             self.val_generation_seconds.update(time.perf_counter() - start)
             correct = [is_correct(rec, batch, i) for i, rec in enumerate(records)]
             self.val_exact_match.update(torch.tensor(correct, dtype=torch.float32, device=self.device))
@@ -245,7 +260,7 @@ class DLLMModule(L.LightningModule):
 
     # --- generation ----------------------------------------------------------------
 
-    def generate_records(self, batch: dict, batch_idx: int = 0, **overrides) -> list[dict]:
+    def generate_records(self, batch: dict, **overrides) -> list[dict]:
         """Generate for ``batch["prompt_ids"]`` and return one record per prompt.
 
         A record is the input record's extra fields (``batch["extra"]``, from a prompts file), then
@@ -253,28 +268,30 @@ class DLLMModule(L.LightningModule):
         ``new_tokens``, ``finish_reason``, ``forwards`` and ``settings``.
         """
         settings = {**asdict(self.generation), **overrides}
-        seed, use_cache = settings.pop("seed"), settings.pop("use_cache")
-        generator = self._generator(seed + batch_idx) if settings["temperature"] > 0 else None
+        seed, use_cache, trace = settings.pop("seed"), settings.pop("use_cache"), settings.pop("trace")
         out = iterative_generate(
             self.model,
             batch["prompt_ids"],
             batch["prompt_mask"],
             eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
-            generator=generator,
+            generator=self._generator(seed),
+            sample_keys=[prompt_key(record_id) for record_id in batch["id"]],
             use_cache=use_cache,
+            sync_ranks=forwards_are_collective(self._trainer.strategy if self._trainer else None),
+            trace=TracePrinter(self.tokenizer, batch["id"][0]) if trace else None,
             return_dict=True,
             **settings,
         )
         width = batch["prompt_ids"].size(1)
+        # the input record's own fields come first and its reference (when it has one) after the response
+        extras = batch.get("extra") or [{}] * len(batch["id"])
+        references = batch.get("reference") or [None] * len(batch["id"])
         records = []
         for i, record_id in enumerate(batch["id"]):
             n = int(out.new_tokens[i])
             tokens = out.sequences[i, width : width + n].tolist()
             if out.finish_reason[i] == "eos":
-        # the input record's own fields come first and its reference (when it has one) after the response
-        extras = batch.get("extra") or [{}] * len(batch["id"])
-        references = batch.get("reference") or [None] * len(batch["id"])
                 tokens = tokens[:-1]  # the stop token is not part of the response text
             record = {
                 **extras[i],
@@ -290,12 +307,12 @@ class DLLMModule(L.LightningModule):
                 forwards=int(out.forwards[i]),
                 settings={**settings, "seed": seed, "use_cache": use_cache},
             )
+            records.append(record)
         return records
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
-        return self.generate_records(batch, batch_idx)
+        return self.generate_records(batch)
 
-            records.append(record)
     # --- optimisation ----------------------------------------------------------------
 
     def configure_optimizers(self):
@@ -348,3 +365,36 @@ def is_correct(record: dict, batch: dict, i: int) -> bool:
     if batch.get("task") and batch["task"][i] in TASKS and batch["answer"][i] is not None:
         return check_answer(batch["task"][i], record["response"], batch["answer"][i])
     return record["response"].strip() == batch["reference"][i].strip()
+
+
+def prompt_key(record_id: str) -> int:
+    """A stable 63-bit key of a prompt's id: it keys the prompt's sampling noise (Python's ``hash`` is salted)."""
+    return int.from_bytes(hashlib.blake2b(str(record_id).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class TracePrinter:
+    """Prints ``iterative_generate``'s trace of one prompt, decoded with the tokenizer, one line per position.
+
+    ``refine block 2 round 1`` then, per block position, the token (``*`` when it changed since the
+    previous round) and the top-3 candidates with probabilities; jacobi forwards also show how many
+    draft tokens the forward confirmed.
+    """
+
+    def __init__(self, tokenizer, record_id: str):
+        self.tokenizer = tokenizer
+        self.record_id = record_id
+
+    def _token(self, token_id: int) -> str:
+        return repr(self.tokenizer.decode([token_id], skip_special_tokens=False))
+
+    def __call__(self, step) -> None:
+        head = f"[trace {self.record_id}] {step.mode} "
+        head += f"block {step.block} round {step.round}" if step.mode == "refine" else f"forward {step.block}"
+        if step.accepted is not None:
+            head += f": {step.accepted} of {len(step.draft)} draft tokens confirmed"
+        lines = [head]
+        columns = zip(step.tokens, step.changed, step.top_ids, step.top_probs)
+        for pos, (token, changed, ids, probs) in enumerate(columns):
+            candidates = " | ".join(f"{self._token(i)} {p:.2f}" for i, p in zip(ids, probs))
+            lines.append(f"  {pos:>3} {'*' if changed else ' '} {self._token(token):<12} top-3: {candidates}")
+        rank_zero_info("\n".join(lines))

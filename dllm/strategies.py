@@ -50,3 +50,19 @@ class HFBlockFSDPStrategy(FSDPStrategy):
         if self._checkpoint_blocks and not self._activation_checkpointing_kwargs:
             self._activation_checkpointing_kwargs = _activation_checkpointing_kwargs(None, blocks)
         return super()._setup_model(model)
+
+
+def forwards_are_collective(strategy) -> bool:
+    """Whether every forward is a collective across ranks (sharded parameters gathered on the fly).
+
+    True under FSDP, FSDP2 (``ModelParallelStrategy``) and DeepSpeed ZeRO-3 with more than one
+    rank. Generation must then keep every rank calling forward until all are done
+    (``iterative_generate(sync_ranks=True)``), and every rank must generate in the same places.
+    """
+    from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
+
+    if strategy is None or getattr(strategy, "world_size", 1) <= 1:
+        return False
+    if isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return True
+    return isinstance(strategy, DeepSpeedStrategy) and bool(getattr(strategy, "zero_stage_3", False))

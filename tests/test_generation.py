@@ -1,68 +1,15 @@
-"""Pin the generation engine to SPEC sections 2-5 on tiny float64 models.
+"""Pin the generation engine's contract (docs/method.md) on tiny float64 models.
 
 Exactness is the point: every comparison is token for token.
 """
 
 import pytest
 import torch
-from conftest import ARCHS, EOS, VOCAB
+from conftest import ARCHS, EOS
+from generation_helpers import frequent_token, generated_rows, hf_greedy, naive_refine, prompts
 
-from dllm import GenerateOutput, iterative_generate
-from dllm.generation import filter_logits, pick_tokens
-
-
-def prompts(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded random prompts (no special ids) of the given lengths."""
-    gen = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.zeros(len(lengths), width, dtype=torch.long)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        ids[row, width - length :] = torch.randint(3, VOCAB, (length,), generator=gen)
-        mask[row, width - length :] = 1
-    return ids, mask
-
-
-def hf_greedy(model, ids, mask, max_new_tokens, eos=EOS):
-    return model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos,
-        pad_token_id=0,
-    )
-
-
-def naive_refine(model, prompt: list[int], stop_ids: list[int], n: int, r: int, max_new: int, max_length: int):
-    """SPEC section 2 written straight: one row, no cache, no early exit."""
-    generated: list[int] = []
-    while True:
-        k = min(n + 1, max_new - len(generated), max_length - len(prompt) - len(generated))
-        if k <= 0:
-            return generated, "length"
-        context = prompt + generated
-        x = torch.tensor([context + [stop_ids[0]] * (k - 1)])
-        block = model(x).logits[0, len(context) - 1 : len(context) - 1 + k].argmax(-1).tolist()
-        for _ in range(r - 1):
-            x = torch.tensor([context + block[: k - 1]])
-            block = model(x).logits[0, len(context) - 1 : len(context) - 1 + k].argmax(-1).tolist()
-        generated += block
-        stops = [i for i, t in enumerate(block) if t in stop_ids]
-        if stops:
-            del generated[len(generated) - len(block) + stops[0] + 1 :]
-            return generated, "eos"
-
-
-def generated_rows(out: GenerateOutput, width: int) -> list[list[int]]:
-    return [out.sequences[i, width : width + int(n)].tolist() for i, n in enumerate(out.new_tokens)]
-
-
-def frequent_token(model, ids, mask, steps=30) -> int:
-    """A token the model emits often: a stop id that really stops rows."""
-    out = iterative_generate(model, ids, mask, eos_token_id=EOS, add_eos_length=0, refine_iter=1, max_new_tokens=steps)
-    return int(out[:, ids.size(1) :].flatten().mode().values)
-
+from dllm import iterative_generate
+from dllm.generation import filter_logits
 
 # --- equal to plain greedy decoding -----------------------------------------
 
@@ -79,14 +26,17 @@ def test_refine_single_token_blocks_equal_hf_generate(models, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("n", [1, 3, 7, 16])
-def test_jacobi_equals_hf_generate(models, arch, n):
+@pytest.mark.parametrize(
+    "n,adaptive", [(0, True), (1, True), (3, True), (7, True), (16, True), (3, False), (16, False)]
+)
+def test_jacobi_equals_hf_generate(models, arch, n, adaptive):
     model = models[arch]
     ids, mask = prompts([6, 2, 11])
     expected = hf_greedy(model, ids, mask, 25)
     got = iterative_generate(
-        model, ids, mask, eos_token_id=EOS, pad_token_id=0, add_eos_length=n, mode="jacobi", max_new_tokens=25
-    )
+        model, ids, mask, eos_token_id=EOS, pad_token_id=0, add_eos_length=n, mode="jacobi", max_new_tokens=25,
+        adaptive_draft=adaptive,
+    )  # fmt: skip
     assert torch.equal(got, expected)
 
 
@@ -125,7 +75,7 @@ def test_jacobi_commits_several_tokens_when_the_draft_is_right(models):
     assert torch.equal(out.sequences, hf_greedy(model, ids, mask, 200))
 
 
-# --- refine against the SPEC's reference ------------------------------------
+# --- refine against the original method's reference ------------------------------------
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
@@ -184,17 +134,21 @@ def test_refine_early_exit_saves_forwards_without_changing_tokens(models):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode,n,r", [("refine", 3, 2), ("refine", 6, 1), ("jacobi", 4, 1)])
 def test_cached_equals_uncached(models, arch, mode, n, r):
+    """Same tokens and, with a fixed draft length, the same forwards (adaptive drafts follow the clock)."""
     model = models[arch]
     ids, mask = prompts([4, 10, 7])
     kwargs = dict(eos_token_id=EOS, add_eos_length=n, refine_iter=r, max_new_tokens=27, mode=mode, return_dict=True)
-    cached = iterative_generate(model, ids, mask, use_cache=True, **kwargs)
-    uncached = iterative_generate(model, ids, mask, use_cache=False, **kwargs)
+    cached = iterative_generate(model, ids, mask, use_cache=True, adaptive_draft=False, **kwargs)
+    uncached = iterative_generate(model, ids, mask, use_cache=False, adaptive_draft=False, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
     assert cached.num_forwards == uncached.num_forwards
+    if mode == "jacobi":
+        adaptive = iterative_generate(model, ids, mask, use_cache=False, **kwargs)
+        assert torch.equal(adaptive.sequences, cached.sequences)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("mode,n,r", [("refine", 3, 2), ("refine", 5, 3), ("jacobi", 3, 1)])
+@pytest.mark.parametrize("mode,n,r", [("refine", 3, 2), ("refine", 5, 3), ("jacobi", 3, 1), ("jacobi", 6, 1)])
 def test_batched_equals_one_by_one(models, arch, mode, n, r):
     model = models[arch]
     lengths = [3, 11, 6, 1]
@@ -207,6 +161,7 @@ def test_batched_equals_one_by_one(models, arch, mode, n, r):
         refine_iter=r,
         max_new_tokens=24,
         mode=mode,
+        adaptive_draft=n != 3,  # jacobi N=3: a fixed draft, so the forwards must match too
         return_dict=True,
     )
     batched = iterative_generate(model, ids, mask, **kwargs)
@@ -214,7 +169,8 @@ def test_batched_equals_one_by_one(models, arch, mode, n, r):
         alone = iterative_generate(model, ids[row : row + 1, ids.size(1) - length :], **kwargs)
         assert generated_rows(batched, ids.size(1))[row] == generated_rows(alone, length)[0]
         assert batched.finish_reason[row] == alone.finish_reason[0]
-        assert batched.forwards[row] == alone.forwards[0]
+        if mode == "refine" or n == 3:
+            assert batched.forwards[row] == alone.forwards[0]
 
 
 def test_a_row_that_stops_early_leaves_the_others_unchanged(models):
@@ -372,16 +328,6 @@ def test_jacobi_sampling_equals_token_by_token_sampling(models, n):
     assert torch.equal(sample("jacobi", n), sample("refine", 0))
 
 
-def test_gumbel_sampling_matches_the_softmax_distribution():
-    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0, -3.0]]], dtype=torch.float64)
-    gen = torch.Generator().manual_seed(0)
-    draws = 20000
-    noise = -torch.log(-torch.log(torch.rand(draws, 1, 5, generator=gen, dtype=torch.float64)))
-    tokens = pick_tokens(logits.expand(draws, 1, 5), 1.3, None, None, noise).flatten()
-    freq = torch.bincount(tokens, minlength=5).double() / draws
-    assert torch.allclose(freq, (logits[0, 0] / 1.3).softmax(-1), atol=0.015)
-
-
 def test_filter_logits_top_k_then_top_p_keeps_at_least_one():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
@@ -420,3 +366,58 @@ def test_invalid_input_raises_naming_the_argument(models, kwargs, name):
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
         iterative_generate(models["llama"], **args)
+
+
+# --- the trace hook --------------------------------------------------------------
+
+
+def test_trace_shows_every_refine_round_of_the_first_row(models):
+    model = models["llama"]
+    ids, mask = prompts([5, 8], seed=1)
+    steps = []
+    out = iterative_generate(
+        model, ids, mask, eos_token_id=EOS, add_eos_length=3, refine_iter=3, max_new_tokens=10, return_dict=True,
+        trace=steps.append,
+    )  # fmt: skip
+    assert len(steps) == out.forwards[0]  # one step per forward of row 0
+    assert {s.mode for s in steps} == {"refine"}
+    blocks = {}
+    for step in steps:
+        assert step.accepted is None
+        assert len(step.tokens) == len(step.changed) == len(step.top_ids) == len(step.top_probs)
+        assert len(step.draft) == len(step.tokens) - 1
+        for ids_, probs in zip(step.top_ids, step.top_probs):
+            assert len(ids_) == 3 and probs == sorted(probs, reverse=True) and sum(probs) <= 1 + 1e-9
+        if step.round == 0:
+            assert all(step.changed) and set(step.draft) <= {EOS}
+        else:  # the previous round's block is this round's input
+            previous = blocks[step.block][-1]
+            assert step.draft == previous.tokens[:-1]
+            assert step.changed == [a != b for a, b in zip(step.tokens, previous.tokens)]
+        blocks.setdefault(step.block, []).append(step)
+    assert [s.round for s in blocks[0]] == list(range(len(blocks[0])))
+    committed = [t for block in blocks.values() for t in block[-1].tokens]
+    generated = generated_rows(out, ids.size(1))[0]
+    assert committed[: len(generated)] == generated  # the last block is cut after a stop id
+
+
+def test_trace_shows_jacobi_drafts_and_what_they_confirmed(models):
+    model = models["qwen2"]
+    ids, _ = prompts([4])
+    steps = []
+    out = iterative_generate(
+        model, ids, eos_token_id=EOS, add_eos_length=4, mode="jacobi", max_new_tokens=40, adaptive_draft=False,
+        return_dict=True, trace=steps.append,
+    )  # fmt: skip
+    assert [s.block for s in steps] == list(range(out.num_forwards))
+    generated = []
+    for step in steps:
+        assert step.mode == "jacobi" and len(step.tokens) == len(step.draft) + 1
+        confirmed = 0
+        while confirmed < len(step.draft) and step.draft[confirmed] == step.tokens[confirmed]:
+            confirmed += 1
+        assert step.accepted == confirmed
+        assert step.changed[: len(step.draft)] == [t != d for t, d in zip(step.tokens, step.draft)]
+        generated += step.tokens[: step.accepted + 1]
+    assert generated[:40] == generated_rows(out, 4)[0]
+    assert any(s.accepted for s in steps)

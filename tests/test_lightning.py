@@ -155,16 +155,32 @@ def test_predict_writes_every_prompt_once_in_input_order(tmp_path, checkpoint):
 
 
 def test_predict_with_ckpt_path_honours_command_line_generation_settings(tmp_path, checkpoint):
-    write_prompts(tmp_path / "prompts.jsonl", 2)
-    records = predict(
-        tmp_path, checkpoint, tmp_path / "prompts.jsonl", tmp_path / "out.jsonl",
+    """Jacobi sampling from the command line really runs: it draws exactly what one-token sampling draws
+    (same seed, same prompt ids), while refine with the same N writes other text in N + 1 tokens per forward."""
+    write_prompts(tmp_path / "prompts.jsonl", 4)
+    common = ["--model.generation.max_new_tokens", "9", "--model.generation.temperature", "0.5"]
+    jacobi = predict(
+        tmp_path, checkpoint, tmp_path / "prompts.jsonl", tmp_path / "jacobi.jsonl", *common,
         "--model.generation.mode", "jacobi", "--model.generation.add_eos_length", "6",
-        "--model.generation.max_new_tokens", "9", "--model.generation.temperature", "0.5",
     )  # fmt: skip
-    settings = records[0]["settings"]
+    settings = jacobi[0]["settings"]
     assert (settings["mode"], settings["add_eos_length"], settings["max_new_tokens"]) == ("jacobi", 6, 9)
     assert settings["temperature"] == 0.5
-    assert all(r["new_tokens"] <= 9 for r in records)
+    assert all(r["new_tokens"] <= 9 for r in jacobi)
+    one_by_one = predict(
+        tmp_path, checkpoint, tmp_path / "prompts.jsonl", tmp_path / "plain.jsonl", *common,
+        "--model.generation.mode", "refine", "--model.generation.add_eos_length", "0",
+        "--model.generation.refine_iter", "1",
+    )  # fmt: skip
+    assert [r["response"] for r in jacobi] == [r["response"] for r in one_by_one]
+    assert all(r["forwards"] == r["new_tokens"] for r in one_by_one)
+    refine = predict(
+        tmp_path, checkpoint, tmp_path / "prompts.jsonl", tmp_path / "refine.jsonl", *common,
+        "--model.generation.mode", "refine", "--model.generation.add_eos_length", "6",
+        "--model.generation.refine_iter", "1",
+    )  # fmt: skip
+    assert all(r["forwards"] == -(-r["new_tokens"] // 7) for r in refine)  # ceil(new_tokens / (N + 1))
+    assert [r["response"] for r in refine] != [r["response"] for r in jacobi]
 
 
 def test_hf_export_round_trips(tmp_path):
@@ -191,14 +207,25 @@ def test_every_shipped_config_parses(config, capsys):
 
 
 def test_generation_settings_reach_generate(tmp_path):
-    module = DLLMModule(model_config=SMALL_MODEL, tokenizer="byte",
-                        generation=GenerationSettings(mode="jacobi", add_eos_length=2, max_new_tokens=5))  # fmt: skip
+    """The mode reaches the engine: jacobi writes HF greedy's text; refine (N=2, R=1) its own, 3 tokens a forward."""
+    torch.manual_seed(0)
+    settings = GenerationSettings(mode="jacobi", add_eos_length=2, max_new_tokens=8)
+    module = DLLMModule(model_config=SMALL_MODEL, tokenizer="byte", generation=settings).double().eval()
     data = DLLMDataModule(prompts_file=str(ROOT / "examples/prompts.txt"), tokenizer=module.tokenizer)
     data.setup("predict")
     batch = data._collate()(data.predict_set.items)
-    records = module.generate_records(batch)
-    assert len(records) == len(data.predict_set) and all(r["new_tokens"] <= 5 for r in records)
-    assert records[0]["settings"]["mode"] == "jacobi"
+    jacobi = module.generate_records(batch)
+    assert len(jacobi) == len(data.predict_set) and all(r["new_tokens"] <= 8 for r in jacobi)
+    greedy = module.model.generate(
+        input_ids=batch["prompt_ids"], attention_mask=batch["prompt_mask"], do_sample=False, max_new_tokens=8,
+        eos_token_id=module.stop_ids, pad_token_id=module.tokenizer.pad_token_id,
+    )[:, batch["prompt_ids"].size(1) :]  # fmt: skip
+    for record, row in zip(jacobi, greedy.tolist()):
+        stop = next((i for i, t in enumerate(row) if t in module.stop_ids), len(row))
+        assert record["response"] == module.tokenizer.decode(row[:stop])
+    refine = module.generate_records(batch, mode="refine", refine_iter=1)
+    assert all(r["forwards"] == -(-r["new_tokens"] // 3) for r in refine)  # ceil(new_tokens / (N + 1))
+    assert [r["response"] for r in refine] != [r["response"] for r in jacobi]
 
 
 def test_readme_demo_command_runs(tmp_path):

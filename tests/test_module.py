@@ -114,3 +114,82 @@ def test_generation_settings_are_checked_when_built(field, value):
     """Bad settings fail when the config is read, before any model loads, naming the flag."""
     with pytest.raises(UserError, match=rf"model\.generation\.{field}"):
         GenerationSettings(**{field: value})
+
+
+def _prompt_batches(module, tmp_path, order: list[int], texts: list[str]) -> dict:
+    """A collated batch of the prompts ``texts[i]`` (id ``q<i>``) for ``i`` in ``order``."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(f'{{"id": "q{i}", "prompt": "{texts[i]}"}}\n' for i in order))
+    data = DLLMDataModule(prompts_file=str(path), tokenizer=module.tokenizer)
+    data.setup("predict")
+    return data._collate()(data.predict_set.items)
+
+
+@pytest.mark.parametrize("mode", ["refine", "jacobi"])
+def test_a_prompts_sample_does_not_depend_on_its_batch(tmp_path, mode):
+    """Sampling noise is keyed on (seed, prompt id, position): batch size and position do not matter."""
+    torch.manual_seed(0)
+    settings = GenerationSettings(mode=mode, add_eos_length=3, max_new_tokens=12, temperature=1.5, seed=7)
+    module = DLLMModule(model_config=SMALL_MODEL, tokenizer="byte", generation=settings).eval()
+    texts = ["1+2=", "33+4=", "5+66=", "7+8="]
+    responses = {}
+    for order in ([0, 1, 2, 3], [3, 1], [2], [1, 0, 2]):
+        for record in module.generate_records(_prompt_batches(module, tmp_path, order, texts)):
+            responses.setdefault(record["id"], set()).add(record["response"])
+    assert all(len(seen) == 1 for seen in responses.values()), responses
+    other_seed = DLLMModule(model_config=SMALL_MODEL, tokenizer="byte", generation=settings).eval()
+    other_seed.load_state_dict(module.state_dict())
+    other_seed.generation.seed = 8
+    resampled = other_seed.generate_records(_prompt_batches(module, tmp_path, [0, 1, 2, 3], texts))
+    assert [r["response"] for r in resampled] != [responses[f"q{i}"].pop() for i in range(4)]
+
+
+def test_trace_prints_each_round_of_the_first_prompt(tmp_path, caplog):
+    torch.manual_seed(0)
+    settings = GenerationSettings(mode="refine", add_eos_length=3, refine_iter=2, max_new_tokens=8, trace=True)
+    module = DLLMModule(model_config=SMALL_MODEL, tokenizer="byte", generation=settings).eval()
+    with caplog.at_level("INFO"):
+        records = module.generate_records(_prompt_batches(module, tmp_path, [0, 1], ["1+2=", "3+4="]))
+    traced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[trace")]
+    assert traced and all(message.startswith("[trace q0] refine block") for message in traced)
+    assert "round 0" in traced[0] and "top-3:" in traced[0]
+    assert len(traced[0].splitlines()) == 1 + 4  # a header, then one line per block position (N + 1 = 4)
+    assert "trace" not in records[0]["settings"]  # printing a trace does not change what is generated
+
+
+def _strategy(base: type, world_size: int, zero_stage_3: bool = False, global_rank: int = 0):
+    """An instance of ``base`` on ``world_size`` ranks, without a cluster (``__init__`` skipped)."""
+    attributes = {"world_size": world_size, "global_rank": global_rank, "zero_stage_3": zero_stage_3}
+    cls = type("Fake" + base.__name__, (base,), attributes)
+    return cls.__new__(cls)
+
+
+def test_forwards_are_collective_only_for_sharded_strategies():
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
+
+    from dllm.strategies import forwards_are_collective
+
+    assert forwards_are_collective(_strategy(FSDPStrategy, 2))
+    assert forwards_are_collective(_strategy(DeepSpeedStrategy, 4, zero_stage_3=True))
+    assert not forwards_are_collective(_strategy(DeepSpeedStrategy, 4, zero_stage_3=False))
+    assert not forwards_are_collective(_strategy(DDPStrategy, 2))
+    assert not forwards_are_collective(_strategy(FSDPStrategy, 1))
+    assert not forwards_are_collective(None)
+
+
+def test_predict_batches_are_even_across_ranks_when_forwards_are_collective(tmp_path):
+    """Under FSDP every rank must run the same number of batches: 7 prompts on 2 ranks are padded to 4 + 4."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(f'{{"id": "q{i}", "prompt": "{i}+{i}="}}\n' for i in range(7)))
+    module = DLLMModule(model_config=SMALL_MODEL, tokenizer="byte")
+    seen = []
+    for rank in (0, 1):
+        data = DLLMDataModule(prompts_file=str(path), val_batch_size=2, tokenizer=module.tokenizer)
+        data.setup("predict")
+        data.trainer = type("Trainer", (), {"strategy": _strategy(FSDPStrategy, 2, global_rank=rank)})()
+        batches = [batch["id"] for batch in data.predict_dataloader()]
+        assert len(batches) == 2  # ceil(ceil(7 / 2) / 2) on each rank
+        seen += [i for ids in batches for i in ids]
+    assert sorted(set(seen)) == [f"q{i}" for i in range(7)] and len(seen) == 8  # one prompt repeated

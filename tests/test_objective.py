@@ -1,4 +1,4 @@
-"""Pin the iterative-refine objective to SPEC section 6 against a naive per-row computation."""
+"""Pin the iterative-refine objective (docs/method.md, section 8) to a naive per-row computation."""
 
 import pytest
 import torch
@@ -26,7 +26,7 @@ def make_batch(seed: int = 0):
 
 
 def naive_loss(model, ids, rows, noise: float, weights):
-    """SPEC section 6 row by row, no padding anywhere: noise 0 keeps the response, 1 replaces it."""
+    """The objective row by row, no padding anywhere: noise 0 keeps the response, 1 replaces it."""
     per_round = []
     for r in range(len(weights)):
         tokens_loss, count = 0.0, 0
