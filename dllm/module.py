@@ -160,9 +160,14 @@ class DLLMModule(L.LightningModule):
             raise UserError("set model.pretrained (an HF name or path) or model.model_config (a config dict)")
         self.tokenizer = load_tokenizer(tokenizer or pretrained or BYTE_TOKENIZER, trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer)
-        self.model = self._build_model()
-        if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's mode as it finds
+        # it at the start of fit: without this a loaded model would train with dropout off and gradient
+        # checkpointing inactive (HF only checkpoints in train mode). Validation and predict still run in
+        # eval mode: Lightning switches to it there and restores train mode afterwards.
+        self.model = self._build_model().train()
+        if gradient_checkpointing:  # transformers 5 renamed it; the old name warns
+            enable = getattr(self.model, "activation_checkpointing_enable", None)
+            (enable or self.model.gradient_checkpointing_enable)()
         self.val_exact_match = MeanMetric()
         self.val_tokens_per_forward = MeanMetric()
         self.val_generated_tokens = SumMetric()  # with the seconds below: val/tokens_per_s
