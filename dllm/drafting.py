@@ -29,11 +29,18 @@ holes); longer drafts are extrapolated until they are tried. A draft must
 promise to save 5% of the time (the measures are noisy), and a decision not
 to draft stands for 8 forwards (deciding costs time too). Only the number of
 forwards depends on any of this, never the tokens.
+
+What a call learns outlives it (:class:`DraftMemory`, one per model): the step
+times, and the model's acceptance rate over its recent rows. A later call on
+the same model and device skips the calibration steps and starts each row from
+that rate instead of the flat prior, so short answers (a few forwards each)
+do not pay the calibration again and again.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
 from collections import deque
 from statistics import median
 
@@ -48,6 +55,40 @@ MARGIN = 0.05  # a draft must promise to save this share of the time (noise in t
 PROBE = 3  # draft length of the prefill and the first timed step (longer ones are extrapolated)
 
 
+class DraftMemory:
+    """What earlier calls on one model measured: step times per forward size and the acceptance rate."""
+
+    def __init__(self):
+        self.times: dict[int, deque] = {}  # forward size -> recent step seconds
+        self.hits, self.trials = 0.0, 0.0  # faded confirmed / tested draft tokens over all rows
+
+    @property
+    def calibrated(self) -> bool:
+        """Two forward sizes measured: enough to interpolate and extrapolate costs."""
+        return len(self.times) >= 2
+
+    def prior(self) -> float:
+        """The acceptance rate a new row starts from: the model's recent rate, ``PRIOR`` before any."""
+        return (self.hits + PRIOR) / (self.trials + 1.0)
+
+
+_MEMORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def memory_of(model, device, dtype) -> DraftMemory:
+    """The :class:`DraftMemory` of ``model`` on ``device`` in ``dtype`` (a new one when either changed)."""
+    where = (str(device), dtype)
+    held = _MEMORIES.get(model)
+    if held is None or held[0] != where:
+        held = _MEMORIES[model] = (where, DraftMemory())
+    return held[1]
+
+
+def forget() -> None:
+    """Drop every model's :class:`DraftMemory` (tests that count calibration steps start from nothing)."""
+    _MEMORIES.clear()
+
+
 class DraftPolicy:
     """Chooses the jacobi draft length per forward.
 
@@ -56,16 +97,27 @@ class DraftPolicy:
         rows: rows in the batch (original indices ``0 .. rows - 1``).
         adaptive: ``False`` always drafts ``max_draft`` (within the budgets).
         clock: the timer (``time.perf_counter``); tests may pass a fake one.
+        memory: what earlier calls on the same model measured; updated by this one. A calibrated memory
+            skips the calibration steps.
     """
 
-    def __init__(self, max_draft: int, rows: int, adaptive: bool = True, clock=time.perf_counter):
+    def __init__(
+        self,
+        max_draft: int,
+        rows: int,
+        adaptive: bool = True,
+        clock=time.perf_counter,
+        memory: DraftMemory | None = None,
+    ):
         self.max_draft, self.adaptive, self.clock = max_draft, adaptive, clock
+        self.memory = memory or DraftMemory()
+        self.prior = self.memory.prior()
         self.hits = [0.0] * rows  # faded confirmed draft tokens per row
         self.trials = [0.0] * rows  # faded tested draft tokens per row
-        self.times: dict[int, deque] = {}  # forward size -> recent step seconds
-        self.steps = 0
+        self.times = self.memory.times  # forward size -> recent step seconds
+        self.steps = 3 if self.memory.calibrated else 0  # 0-2: the calibration steps
         self._last: tuple[int, float] | None = None  # (size, start) of the step being timed
-        self._medians: dict[int, float] = {}
+        self._medians = {size: median(samples) for size, samples in self.times.items()}
         self._table: tuple[np.ndarray, np.ndarray] | None = None  # sizes and their median seconds
         self._held: tuple[int, int] = (0, 0)  # (forwards left, rows) of a standing "no draft" decision
         self.candidates = np.array(_candidates(max_draft))
@@ -98,13 +150,19 @@ class DraftPolicy:
         (only placeholders after a step without a draft): it says nothing about
         the row's drafts and is left out.
         """
+        hits = trials = 0.0
         for row, count, useful in zip(rows, accepted, informative):
             if drafted and useful:
+                tried = min(count + 1, drafted)
                 self.hits[row] = self.hits[row] * FADE + count
-                self.trials[row] = self.trials[row] * FADE + min(count + 1, drafted)
+                self.trials[row] = self.trials[row] * FADE + tried
+                hits, trials = hits + count, trials + tried
             else:
                 self.hits[row] *= IDLE_FADE
                 self.trials[row] *= IDLE_FADE
+        if trials:  # the model's rate, over all rows: one fade per forward
+            memory = self.memory
+            memory.hits, memory.trials = memory.hits * FADE + hits, memory.trials * FADE + trials
 
     # --- the decision -------------------------------------------------------------
 
@@ -120,7 +178,7 @@ class DraftPolicy:
 
     def rate(self, row: int) -> float:
         """Row ``row``'s estimated chance that a draft token is confirmed."""
-        return (self.hits[row] + PRIOR) / (self.trials[row] + 1.0)
+        return (self.hits[row] + self.prior) / (self.trials[row] + 1.0)
 
     def choose(self, rows: list[int], remaining: list[int]) -> int:
         """The draft length of the next forward for the active ``rows``.
@@ -150,7 +208,7 @@ class DraftPolicy:
 
     def _decide(self, rows: list[int], remaining: list[int], longest: int) -> int:
         ks = self.candidates[: np.searchsorted(self.candidates, longest, side="right")]
-        rates = np.array([min((self.hits[r] + PRIOR) / (self.trials[r] + 1.0), 0.999) for r in rows])[:, None]
+        rates = np.array([min(self.rate(r), 0.999) for r in rows])[:, None]
         left = np.array(remaining, dtype=np.float64)[:, None]
         j = np.minimum(ks[None, :], left - 1)  # [rows, candidates]
         expected = rates * (1.0 - rates**j) / (1.0 - rates)

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 
 from dllm.batch import Batch, attention_layout, warn_one_row
-from dllm.drafting import DraftPolicy
+from dllm.drafting import DraftPolicy, memory_of
 from dllm.rank_sync import RankSync, distributed
 from dllm.sampling import Sampler, draw_seed, filter_logits, prompt_keys, top_candidates
 
@@ -317,7 +317,8 @@ def _decode(model, input_ids, attention_mask, budgets, keys, use_cache, layout, 
         _refine_loop(run, settings["n"], settings["r"])
     else:
         clock = time.process_time if input_ids.device.type == "cpu" else time.perf_counter
-        policy = DraftPolicy(settings["n"], len(budgets), settings["adaptive"], clock)
+        memory = memory_of(model, input_ids.device, model.dtype) if settings["adaptive"] else None
+        policy = DraftPolicy(settings["n"], len(budgets), settings["adaptive"], clock, memory)
         _jacobi_loop(run, settings["n"], policy)
     run.num_forwards = batch.num_forwards
     return run

@@ -15,6 +15,8 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+from dllm.drafting import forget
+
 VOCAB = 40
 EOS = 1
 
@@ -54,6 +56,12 @@ def build_model(arch: str, seed: int = 0) -> torch.nn.Module:
 
 
 ARCHS = ["llama", "qwen2", "gpt2", "mistral", "qwen3"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_draft_memory():
+    """Each test starts without what earlier calls measured (adaptive jacobi's calibration is then the same)."""
+    forget()
 
 
 @pytest.fixture(scope="session")

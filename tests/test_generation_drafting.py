@@ -118,3 +118,35 @@ def test_free_drafts_are_drafted_in_full_exactly(models, arch, monkeypatch):
     # free drafts: all or nothing (nothing only while the row's rate cannot promise the margin)
     assert all(k in (0, most) for k, most in zip(lengths[3:], longest[3:]))
     assert lengths.count(5) > len(lengths) // 2  # mostly the longest
+
+
+def test_a_later_call_on_the_same_model_skips_the_calibration(models, monkeypatch):
+    """What a call measured (step times, the model's acceptance) carries over; the tokens never change."""
+    monkeypatch.setattr(drafting.DraftPolicy, "cost", cost_model(per_token=0.0))  # overhead-bound
+    model = models["llama"]
+    ids, mask = prompts([4])
+    expected = hf_greedy(model, ids, mask, 40)
+    calls = []
+    for _ in range(2):
+        steps = []
+        out = iterative_generate(
+            model, ids, mask, eos_token_id=EOS, add_eos_length=5, mode="jacobi", max_new_tokens=40, return_dict=True,
+            trace=steps.append,
+        )  # fmt: skip
+        assert torch.equal(out.sequences, expected)
+        calls.append([len(s.draft) for s in steps])
+    assert calls[0][:3] == [3, 3, 0]  # calibration: a short draft, then the cost of one and of none
+    assert calls[1][0] == 5  # calibrated: free drafts are drafted in full from the first forward
+    drafting.forget()
+    steps = []
+    iterative_generate(model, ids, mask, eos_token_id=EOS, add_eos_length=5, mode="jacobi", max_new_tokens=40,
+                       trace=steps.append)  # fmt: skip
+    assert [len(s.draft) for s in steps][:3] == [3, 3, 0]
+
+
+def test_the_memory_is_per_model_device_and_dtype(models):
+    model = models["qwen2"]
+    memory = drafting.memory_of(model, torch.device("cpu"), torch.float64)
+    assert drafting.memory_of(model, torch.device("cpu"), torch.float64) is memory
+    assert drafting.memory_of(models["llama"], torch.device("cpu"), torch.float64) is not memory
+    assert drafting.memory_of(model, torch.device("cpu"), torch.float32) is not memory
