@@ -86,6 +86,26 @@ class GenerationSettings:
         return {name: value for name, value in asdict(self).items() if name != "trace"}
 
 
+def check_objective(hp) -> None:
+    """The objective's settings, checked before the model loads (the objective would fail only at step 1)."""
+    checks = {
+        "num_rounds": (hp.num_rounds >= 1, ">= 1"),
+        "loss_weights": (
+            hp.loss_weights is None or len(hp.loss_weights) == hp.num_rounds,
+            f"null or one weight per round (num_rounds={hp.num_rounds})",
+        ),
+        "noise_min": (0 <= hp.noise_min <= hp.noise_max, f"in [0, noise_max={hp.noise_max}]"),
+        "noise_max": (hp.noise_max <= 1, "<= 1"),
+        "noise_schedule": (hp.noise_schedule in ("iid", "block", "prefix"), "'iid', 'block' or 'prefix'"),
+        "noise_block_size": (hp.noise_block_size >= 1, ">= 1"),
+        "ar_loss_weight": (hp.ar_loss_weight >= 0, ">= 0"),
+        "loss_window": (hp.loss_window is None or hp.loss_window >= 1, ">= 1 or null"),
+    }
+    for name, (ok, expected) in checks.items():
+        if not ok:
+            raise UserError(f"model.{name} must be {expected}, got {hp[name]!r}")
+
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -108,10 +128,14 @@ class DLLMModule(L.LightningModule):
         loss_weights: one weight per round; ``None`` = all 1.0.
         noise_min: lowest per-row share of response tokens replaced by EOS.
         noise_max: highest per-row share of response tokens replaced by EOS.
-        noise_schedule: ``"iid"`` (the original method's) or ``"block"`` (clean prefix + a run of EOS).
+        noise_schedule: ``"iid"`` (the original method's), ``"block"`` (clean prefix + a run of EOS) or
+            ``"prefix"`` (clean prefix up to a random cut, then iid noise: with ``loss_window``, the fine-tuning
+            recipe of docs/quality.md).
         noise_block_size: EOS run length for ``noise_schedule="block"``.
         ar_loss_weight: weight of an extra clean-input next-token loss (0 = off).
         loss_chunk_size: project the LM head this many positions at a time (large vocabularies).
+        loss_window: score the rounds on the clean prefix and this many targets from the first noised token
+            (set it to the inference block, N + 1); ``None`` scores the whole response.
         lr: peak AdamW learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -139,10 +163,11 @@ class DLLMModule(L.LightningModule):
         loss_weights: list[float] | None = None,
         noise_min: float = 0.1,
         noise_max: float = 0.9,
-        noise_schedule: Literal["iid", "block"] = "iid",
+        noise_schedule: Literal["iid", "block", "prefix"] = "iid",
         noise_block_size: int = 8,
         ar_loss_weight: float = 0.0,
         loss_chunk_size: int | None = None,
+        loss_window: int | None = None,
         lr: float = 3e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -158,6 +183,7 @@ class DLLMModule(L.LightningModule):
         self.generation = generation or GenerationSettings()
         if pretrained is None and model_config is None:
             raise UserError("set model.pretrained (an HF name or path) or model.model_config (a config dict)")
+        check_objective(self.hparams)
         self.tokenizer = load_tokenizer(tokenizer or pretrained or BYTE_TOKENIZER, trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer)
         # from_pretrained returns the model in eval mode, and Lightning keeps each submodule's mode as it finds
@@ -214,6 +240,7 @@ class DLLMModule(L.LightningModule):
             block_size=hp.noise_block_size,
             ar_loss_weight=hp.ar_loss_weight,
             loss_chunk_size=hp.loss_chunk_size,
+            loss_window=hp.get("loss_window"),  # absent from checkpoints written before it existed
         )
 
     def _generator(self, seed: int) -> torch.Generator:

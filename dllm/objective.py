@@ -1,4 +1,4 @@
-"""The iterative-refine training objective (SPEC section 6).
+"""The iterative-refine training objective (docs/method.md, section 8).
 
 Replace a random fraction of each response with EOS, run the model, score
 next-token cross-entropy against the clean response; then feed the model's
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-NoiseSchedule = Literal["iid", "block"]
+NoiseSchedule = Literal["iid", "block", "prefix"]
 
 
 @dataclass
@@ -54,12 +54,16 @@ def eos_noise_mask(
 ) -> torch.Tensor:
     """Which response tokens become EOS (bool, same shape as ``response_mask``).
 
-    ``"iid"`` (the seed's): per row ``t ~ U[noise_min, noise_max]``, each response
+    ``"iid"`` (the original method's): per row ``t ~ U[noise_min, noise_max]``, each response
     token independently with probability ``t``.
     ``"block"`` (what inference sees): per row a clean prefix up to a random
     cut inside the response, then a run of ``block_size`` EOS; the rest stays
     clean. ``noise_min``/``noise_max`` then bound the cut as a fraction of the
     response length.
+    ``"prefix"``: per row a clean prefix up to a cut drawn uniformly over the
+    response, then each token independently with probability ``t``, as ``"iid"``
+    (with ``loss_window`` in :func:`iterative_refine_loss`: the refine fine-tuning
+    recipe of docs/quality.md).
     """
     response = response_mask.bool()
     rows, width = response.shape
@@ -67,11 +71,14 @@ def eos_noise_mask(
     t = noise_min + (noise_max - noise_min) * torch.rand(rows, 1, generator=generator, device=device)
     if schedule == "iid":
         return response & (torch.rand(rows, width, generator=generator, device=device) < t)
-    if schedule != "block":
-        raise ValueError(f"noise_schedule must be 'iid' or 'block', got {schedule!r}")
+    if schedule not in ("block", "prefix"):
+        raise ValueError(f"noise_schedule must be 'iid', 'block' or 'prefix', got {schedule!r}")
     # index of each token inside its row's response: 0, 1, ..., length - 1
     index = response.long().cumsum(-1) - 1
     length = response.sum(-1, keepdim=True)
+    if schedule == "prefix":
+        cut = (torch.rand(rows, 1, generator=generator, device=device) * length).floor().long()
+        return response & (index >= cut) & (torch.rand(rows, width, generator=generator, device=device) < t)
     cut = (t * length).floor().long().clamp(max=(length - 1).clamp(min=0))
     return response & (index >= cut) & (index < cut + block_size)
 
@@ -86,6 +93,18 @@ def response_targets(input_ids: torch.Tensor, response_mask: torch.Tensor) -> tu
     where = response_mask[:, 1:].bool()
     where = torch.cat([where, where.new_zeros(where.size(0), 1)], dim=1)
     return where, input_ids[:, 1:][where[:, :-1]]
+
+
+def windowed_targets(response: torch.Tensor, noise: torch.Tensor, window: int) -> torch.Tensor:
+    """Logit positions (as in :func:`response_targets`) whose target lies before ``first + window``.
+
+    ``first`` is each row's first noised response token (rows without noise keep every target).
+    """
+    index = response.long().cumsum(-1) - 1  # index inside the response
+    never = torch.full_like(index, torch.iinfo(index.dtype).max // 2)
+    first = torch.where(noise, index, never).min(-1, keepdim=True).values
+    target_index = torch.cat([index[:, 1:], index.new_full((index.size(0), 1), -1)], dim=1)
+    return target_index < first + window
 
 
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
@@ -167,8 +186,9 @@ def iterative_refine_loss(
     block_size: int = 8,
     ar_loss_weight: float = 0.0,
     loss_chunk_size: int | None = None,
+    loss_window: int | None = None,
 ) -> RefineLossOutput:
-    """The iterative-refine loss (SPEC section 6).
+    """The iterative-refine loss (docs/method.md, section 8).
 
     Args:
         model: any HF causal LM.
@@ -181,13 +201,19 @@ def iterative_refine_loss(
         noise_min: lower bound of the per-row noise ratio ``t``.
         noise_max: upper bound of the per-row noise ratio ``t``.
         generator: ``torch.Generator`` (on the ids' device) for the noise.
-        noise_schedule: ``"iid"`` (the seed's) or ``"block"`` (clean prefix, then
+        noise_schedule: ``"iid"`` (the original method's) or ``"block"`` (clean prefix, then
             a run of ``block_size`` EOS), see :func:`eos_noise_mask`.
         block_size: EOS run length for ``noise_schedule="block"``.
         ar_loss_weight: weight of an extra clean-input next-token loss (against
             collapse, as in CLLM); 0 skips that forward.
         loss_chunk_size: project the LM head this many positions at a time
             (saves memory with large vocabularies); ``None`` = all at once.
+        loss_window: score the rounds only on each row's targets before its first
+            noised token (clean context) and on ``loss_window`` targets from that
+            token on; later targets, whose context holds more noise than a block
+            of ``loss_window`` tokens, are skipped. Set it to the inference block
+            (N + 1) with ``noise_schedule="prefix"``. ``None`` scores every
+            response target. The ``ar_loss_weight`` term always scores all.
     """
     if num_rounds < 1:
         raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
@@ -197,10 +223,17 @@ def iterative_refine_loss(
     if not 0 <= noise_min <= noise_max <= 1:
         raise ValueError(f"need 0 <= noise_min <= noise_max <= 1, got noise_min={noise_min}, noise_max={noise_max}")
 
+    if loss_window is not None and loss_window < 1:
+        raise ValueError(f"loss_window must be >= 1 or None, got {loss_window}")
+
     response = response_mask.bool() & attention_mask.bool()
-    where, targets = response_targets(input_ids, response)
+    all_where, all_targets = response_targets(input_ids, response)
     noise = eos_noise_mask(response, noise_min, noise_max, generator, noise_schedule, block_size)
     noise_ratio = noise.sum() / response.sum().clamp(min=1)
+    where, targets = all_where, all_targets
+    if loss_window is not None:
+        where = all_where & windowed_targets(response, noise, loss_window)
+        targets = input_ids[:, 1:][where[:, :-1]]
 
     ids = input_ids.masked_fill(noise, eos_token_id)
     total, round_losses = 0.0, []
@@ -213,7 +246,7 @@ def iterative_refine_loss(
         ids[:, 1:][where[:, :-1]] = argmax
     ar_loss = None
     if ar_loss_weight > 0:
-        loss, _ = response_loss_and_argmax(model, input_ids, attention_mask, where, targets, loss_chunk_size)
+        loss, _ = response_loss_and_argmax(model, input_ids, attention_mask, all_where, all_targets, loss_chunk_size)
         total = total + ar_loss_weight * loss
         ar_loss = loss.detach()
     return RefineLossOutput(loss=total, round_losses=round_losses, noise_ratio=noise_ratio.detach(), ar_loss=ar_loss)

@@ -1,4 +1,4 @@
-"""Smoke the quality report (``bench/quality.py --quick``): table, JSON and both plots, then checkpoint reuse."""
+"""Smoke the quality report (``bench/quality.py --quick``): tables, JSON, plots, the two-stage curve, reuse."""
 
 import json
 import subprocess
@@ -20,19 +20,27 @@ def run_quick(out: Path) -> subprocess.CompletedProcess:
 def test_bench_quality_quick(tmp_path: Path) -> None:
     out = tmp_path / "quality"
     run_quick(out)
-    for name in ("quality.md", "quality.json", "accuracy_vs_tpf.png", "learning_curve.png"):
+    for name in ("quality.md", "quality.json", "accuracy_vs_tpf.png", "learning_curve.png", "finetune_curve.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG" or name.endswith((".md", ".json")), name
         assert (out / name).stat().st_size > 0, name
-    assert (out / "accuracy_vs_tpf.png").read_bytes()[:4] == b"\x89PNG"
 
     report = json.loads((out / "quality.json").read_text())
-    assert set(report["results"]) == {"sft", "refine"}
+    assert list(report["results"]) == ["sft", "sft-recipe", "refine"]
     for rows in report["results"].values():
-        assert [r["method"] for r in rows] == ["AR (HF generate)", "refine N=3 R=1", "refine N=3 R=2", "jacobi N=3"]
+        labels = [r["method"] for r in rows]
+        assert labels[:4] == ["AR (HF generate)", "refine N=3 R=1", "refine N=3 R=2", "jacobi N=3"]
         for row in rows:
             assert 0.0 <= row["accuracy"] <= 1.0 and row["tpf"] >= 1.0 and row["tokens_per_s"] > 0
-        assert rows[-1]["same_as_ar"] == 1.0  # jacobi is lossless whatever the model learned
+            if row["mode"] in ("jacobi", "adaptive"):
+                assert row["same_as_ar"] == 1.0  # jacobi is lossless whatever the model learned
+    # Stage 2 starts from the SFT model: its curve begins at step 0 and ends at the last step.
+    steps = [point[0] for point in report["curves"]["sft-recipe"]]
+    assert steps[0] == 0 and steps[-1] == report["setup"]["stage2_steps"]
+    assert report["timing"]["sft-recipe"]["train_s"] > 0
     table = (out / "quality.md").read_text()
-    assert table.count("| sft |") == 4 and table.count("| refine |") == 4
+    assert "## Refine fine-tuning of the SFT model" in table and "## From scratch" in table
+    assert table.count("| sft-recipe |") == 1 + len(report["results"]["sft-recipe"])
 
-    # A second run reuses the checkpoints instead of training again.
-    assert "reusing" in run_quick(out).stdout
+    # A second run reuses every checkpoint instead of training again.
+    stdout = run_quick(out).stdout
+    assert stdout.count("reusing") == 3 and "] training" not in stdout

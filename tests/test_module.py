@@ -116,6 +116,26 @@ def test_generation_settings_are_checked_when_built(field, value):
         GenerationSettings(**{field: value})
 
 
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("num_rounds", 0),
+        ("loss_weights", [1.0]),
+        ("noise_min", 0.95),
+        ("noise_max", 1.5),
+        ("noise_schedule", "random"),
+        ("noise_block_size", 0),
+        ("ar_loss_weight", -1.0),
+        ("loss_window", 0),
+    ],
+)
+def test_objective_settings_are_checked_before_the_model_loads(field, value, monkeypatch):
+    """Bad objective settings name the flag before any model is built (the loss would fail only at step 1)."""
+    monkeypatch.setattr(DLLMModule, "_build_model", lambda self: pytest.fail("the model was built"))
+    with pytest.raises(UserError, match=rf"model\.{field} must be"):
+        DLLMModule(model_config=SMALL_MODEL, tokenizer="byte", **{field: value})
+
+
 def _prompt_batches(module, tmp_path, order: list[int], texts: list[str]) -> dict:
     """A collated batch of the prompts ``texts[i]`` (id ``q<i>``) for ``i`` in ``order``."""
     path = tmp_path / "prompts.jsonl"

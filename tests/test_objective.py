@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import EOS, build_model
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from dllm.objective import eos_noise_mask, iterative_refine_loss
+from dllm.objective import eos_noise_mask, iterative_refine_loss, response_targets, windowed_targets
 
 
 def make_batch(seed: int = 0):
@@ -205,3 +205,77 @@ def test_invalid_arguments_raise(kwargs, name):
     ids, attn, resp, _ = make_batch()
     with pytest.raises(ValueError, match=name):
         iterative_refine_loss(build_model("qwen2"), ids, attn, resp, eos_token_id=EOS, **kwargs)
+
+
+# --- the fine-tuning recipe's options: noise_schedule="prefix", loss_window ---------------------------
+
+
+def test_prefix_noise_is_a_clean_prefix_then_iid_noise() -> None:
+    response = torch.zeros(400, 60, dtype=torch.long)
+    response[:, 10:50] = 1
+    noise = eos_noise_mask(response, 1.0, 1.0, torch.Generator().manual_seed(0), schedule="prefix")
+    cuts = []
+    for row in noise:  # t = 1: everything from the cut to the response's end
+        where = row.nonzero().flatten()
+        cuts.append(int(where.min()))
+        assert torch.equal(where, torch.arange(cuts[-1], 50))
+    assert min(cuts) == 10 and max(cuts) == 49  # the cut is uniform over the response
+    half = eos_noise_mask(response, 0.5, 0.5, torch.Generator().manual_seed(0), schedule="prefix")
+    assert not half[:, :10].any() and not half[:, 50:].any()
+    assert 0.2 < half.sum() / response.sum() < 0.3  # t = 0.5 on half the response on average
+
+
+def test_windowed_targets_keep_the_clean_prefix_and_a_window() -> None:
+    response = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 1, 1, 1, 1]]).bool()
+    noise = torch.zeros_like(response)
+    noise[0, 4] = noise[0, 6] = True  # first noised response token: index 2 of row 0
+    keep = windowed_targets(response, noise, 2) & response_targets(torch.zeros(2, 10).long(), response)[0]
+    # row 0: logits at p predict p + 1; targets at response indices 0..3 (positions 2..5) are kept
+    assert keep[0].nonzero().flatten().tolist() == [1, 2, 3, 4]
+    assert keep[1].nonzero().flatten().tolist() == list(range(9))  # no noise: every target
+
+
+def test_a_window_past_the_response_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).double()  # fmt: skip
+    ids = torch.randint(2, 20, (3, 12))
+    attn, resp = torch.ones_like(ids), torch.zeros_like(ids)
+    resp[:, 4:] = 1
+    kwargs = dict(eos_token_id=1, noise_schedule="prefix", noise_min=0.5, noise_max=1.0)
+    full = iterative_refine_loss(model, ids, attn, resp, generator=torch.Generator().manual_seed(1), **kwargs)
+    wide = iterative_refine_loss(model, ids, attn, resp, generator=torch.Generator().manual_seed(1), loss_window=8,
+                                 **kwargs)  # fmt: skip
+    narrow = iterative_refine_loss(model, ids, attn, resp, generator=torch.Generator().manual_seed(1), loss_window=1,
+                                   **kwargs)  # fmt: skip
+    assert torch.equal(full.loss, wide.loss) and not torch.equal(full.loss, narrow.loss)
+
+
+@pytest.mark.parametrize("window", [1, 3, 100])
+@pytest.mark.parametrize("chunk", [None, 5])
+def test_windowed_loss_equals_naive_per_row_computation(window, chunk):
+    """All noise: each round scores the first ``window`` response targets, and round 2 reads round 1's argmax
+    there and EOS after them."""
+    model = build_model("qwen2")
+    ids, attn, resp, rows = make_batch(2)
+    weights = [1.0, 0.5]
+    out = iterative_refine_loss(model, ids, attn, resp, eos_token_id=EOS, num_rounds=2, loss_weights=weights,
+                                noise_min=1.0, noise_max=1.0, loss_window=window, loss_chunk_size=chunk)  # fmt: skip
+    per_round = []
+    for r in range(2):
+        tokens_loss, count = 0.0, 0
+        for b, (p, n) in enumerate(rows):
+            clean, k = ids[b, : p + n], min(window, n)
+            x = clean.clone()
+            x[p:] = EOS
+            for _ in range(r + 1):
+                logits = model(x[None]).logits[0]
+                nxt = x.clone()
+                nxt[p : p + k] = logits[p - 1 : p - 1 + k].argmax(-1)
+                current, x = logits, nxt
+            tokens_loss = tokens_loss + F.cross_entropy(current[p - 1 : p - 1 + k], clean[p : p + k], reduction="sum")
+            count += k
+        per_round.append(tokens_loss / count)
+    for got, want in zip(out.round_losses, per_round):
+        assert torch.allclose(got, want, atol=1e-10)
+    assert torch.allclose(out.loss, weights[0] * per_round[0] + weights[1] * per_round[1], atol=1e-10)
