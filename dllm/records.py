@@ -53,6 +53,8 @@ def read_records(path: str | Path, text_key: str = "prompt") -> list[Record]:
         except ImportError:
             raise ImportError(f"{path}: reading .parquet needs pyarrow (pip install 'dllm[parquet]')") from None
         rows = pq.read_table(path).to_pylist()
+        # values JSON cannot hold (timestamps, decimals, bytes) as text, so predictions can carry them
+        rows = [json.loads(json.dumps(record, default=str)) for record in rows]
         return [{**record, "_where": f"{path}: row {i}"} for i, record in enumerate(rows)]
     if suffix == ".txt":
         lines = path.read_text(encoding="utf-8").splitlines()

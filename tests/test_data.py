@@ -4,6 +4,7 @@ Everything runs on the byte tokenizer; real chat templates (DeepSeek-R1 distills
 on it as Jinja strings, so nothing is downloaded.
 """
 
+import datetime
 import json
 from pathlib import Path
 
@@ -342,6 +343,20 @@ def test_records_carry_the_reference_and_the_inputs_extra_fields(tmp_path):
     data = DLLMDataModule(prompts_file=str(path), reference_key="answer", tokenizer=module.tokenizer)
     with pytest.raises(UserError, match=rf"{path}:1: missing key 'answer' \(data\.reference_key"):
         data.setup("predict")
+
+
+def test_parquet_prompts_carry_fields_json_cannot_hold_as_text(tmp_path):
+    """A parquet column of timestamps reaches the prediction (as text) instead of failing at the write."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    table = pa.table({"id": ["a", "b"], "prompt": ["1+1=", "2+2="], "asked": [when, when], "n": [1, 2]})
+    pq.write_table(table, tmp_path / "prompts.parquet")
+    module = DLLMModule(model_config=SMALL_MODEL, tokenizer="byte", generation=GenerationSettings(max_new_tokens=2))
+    data = DLLMDataModule(prompts_file=str(tmp_path / "prompts.parquet"), tokenizer=module.tokenizer)
+    data.setup("predict")
+    records = module.generate_records(data._collate()(data.predict_set.items))
+    assert [(r["id"], r["asked"], r["n"]) for r in records] == [("a", str(when), 1), ("b", str(when), 2)]
+    json.dumps(records)  # what the prediction writer does
 
 
 def test_embedded_task_prompts_bring_reference_answer_and_task(tmp_path, tokenizer):
