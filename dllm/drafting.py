@@ -33,7 +33,7 @@ forwards depends on any of this, never the tokens.
 What a call learns outlives it (:class:`DraftMemory`, one per model): the step
 times, and the model's acceptance rate over its recent rows. A later call on
 the same model and device skips the calibration steps and starts each row from
-that rate instead of the flat prior, so short answers (a few forwards each)
+that rate (as a few draft tokens of evidence) instead of the flat prior, so short answers (a few forwards each)
 do not pay the calibration again and again.
 """
 
@@ -47,6 +47,7 @@ from statistics import median
 import numpy as np
 
 PRIOR = 0.5  # acceptance rate of a row nobody has measured
+REMEMBERED = 4.0  # draft tokens' worth of evidence a new row takes from the model's recent rate
 FADE = 0.9  # weight kept by past evidence at each forward that tests the row's draft
 IDLE_FADE = 0.99  # ... and at each forward that does not (the drift back toward the prior)
 SAMPLES = 5  # step times kept per forward size
@@ -68,7 +69,7 @@ class DraftMemory:
         return len(self.times) >= 2
 
     def prior(self) -> float:
-        """The acceptance rate a new row starts from: the model's recent rate, ``PRIOR`` before any."""
+        """The model's recent acceptance rate over all rows (``PRIOR`` before any)."""
         return (self.hits + PRIOR) / (self.trials + 1.0)
 
 
@@ -111,9 +112,11 @@ class DraftPolicy:
     ):
         self.max_draft, self.adaptive, self.clock = max_draft, adaptive, clock
         self.memory = memory or DraftMemory()
-        self.prior = self.memory.prior()
-        self.hits = [0.0] * rows  # faded confirmed draft tokens per row
-        self.trials = [0.0] * rows  # faded tested draft tokens per row
+        # a new row starts near the model's recent rate, as if it had seen REMEMBERED draft tokens; like
+        # its own evidence this fades toward PRIOR while the row does not draft, so it is tried again
+        start = REMEMBERED if self.memory.trials > 0 else 0.0
+        self.hits = [start * self.memory.prior()] * rows  # faded confirmed draft tokens per row
+        self.trials = [start] * rows  # faded tested draft tokens per row
         self.times = self.memory.times  # forward size -> recent step seconds
         self.steps = 3 if self.memory.calibrated else 0  # 0-2: the calibration steps
         self._last: tuple[int, float] | None = None  # (size, start) of the step being timed
@@ -178,7 +181,7 @@ class DraftPolicy:
 
     def rate(self, row: int) -> float:
         """Row ``row``'s estimated chance that a draft token is confirmed."""
-        return (self.hits[row] + self.prior) / (self.trials[row] + 1.0)
+        return (self.hits[row] + PRIOR) / (self.trials[row] + 1.0)
 
     def choose(self, rows: list[int], remaining: list[int]) -> int:
         """The draft length of the next forward for the active ``rows``.
