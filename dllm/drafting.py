@@ -118,7 +118,8 @@ class DraftPolicy:
         self.hits = [start * self.memory.prior()] * rows  # faded confirmed draft tokens per row
         self.trials = [start] * rows  # faded tested draft tokens per row
         self.times = self.memory.times  # forward size -> recent step seconds
-        self.steps = 3 if self.memory.calibrated else 0  # 0-2: the calibration steps
+        self.steps = 0  # forwards of this call
+        self.calibrating = not self.memory.calibrated  # steps 0-2 measure costs
         self._last: tuple[int, float] | None = None  # (size, start) of the step being timed
         self._medians = {size: median(samples) for size, samples in self.times.items()}
         self._table: tuple[np.ndarray, np.ndarray] | None = None  # sizes and their median seconds
@@ -172,10 +173,11 @@ class DraftPolicy:
     def holes_ok(self) -> bool:
         """Whether rows may commit different counts now (masked holes).
 
-        Not in the calibration steps: holes make every later forward of a batch
-        without padding build a 4-D mask, a cost that a batch which ends up
-        not drafting should not pay. Committing only what every row confirmed
-        loses nothing: the rest stays in the rows' drafts.
+        Not in a call's first three forwards (the calibration steps, when it
+        calibrates): holes make every later forward of a batch without padding
+        build a 4-D mask, a cost that a batch which ends up not drafting should
+        not pay. Committing only what every row confirmed loses nothing: the
+        rest stays in the rows' drafts.
         """
         return not self.adaptive or self.steps > 2
 
@@ -197,9 +199,9 @@ class DraftPolicy:
             return longest
         # calibration: the prefill drafts a short block (predictions for the next step
         # to verify), one step times a short draft, one times no draft
-        if self.steps <= 1:
+        if self.calibrating and self.steps <= 1:
             return min(longest, PROBE)
-        if self.steps == 2:
+        if self.calibrating and self.steps == 2:
             return 0
         left, held_rows = self._held
         if left > 0 and held_rows == len(rows):  # not drafting is cheap to keep deciding: decide less often
