@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 demo: setup
 	$(PY) train.py fit --config configs/tiny.yaml --trainer.max_steps $(STEPS)
 	$(PY) predict.py --config configs/predict-tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \
-		--predictions.overwrite true
+		--data.prompts_file examples/prompts.txt --predictions.overwrite true
 
 test: setup
 	$(PY) -m pytest -q
