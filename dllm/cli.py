@@ -31,6 +31,7 @@ from typing import Any
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from transformers.utils import logging as hf_logging
 
 from dllm.callbacks import LineProgress, PredictionWriter
 from dllm.data import DLLMDataModule
@@ -249,6 +250,8 @@ def main(subcommand: str | None = None, **kwargs: Any) -> None:
     args = [a for a in args if a != "--debug"]
     if subcommand is not None:
         args = [subcommand, *args]
+    if not sys.stderr.isatty():  # transformers' "Loading weights" bar: carriage returns in a log file
+        hf_logging.disable_progress_bar()
     if not debug:  # raise parse errors to us instead of printing the usage and a many-line report
         no_exit = {"exit_on_error": False}
         kwargs.setdefault("parser_kwargs", {**no_exit, **{name: dict(no_exit) for name in SUBCOMMANDS}})

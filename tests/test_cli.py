@@ -299,3 +299,17 @@ def test_print_config_comments_shows_the_help_of_each_key(capsys):
         DLLMCLI(args=["fit", "--config", str(ROOT / "configs/tiny.yaml"), "--print_config=comments"])
     out = capsys.readouterr().out
     assert "# peak AdamW learning rate" in out and "lr: 0.005" in out
+
+
+def test_a_redirected_predict_from_an_hf_folder_prints_no_loading_bar(tmp_path):
+    """Output in a log file: transformers' "Loading weights" bar (carriage returns) is off; the answer is written."""
+    from dllm.module import DLLMModule
+
+    DLLMModule(model_config=json.loads(SMALL_MODEL), tokenizer="byte").save_hf(str(tmp_path / "hf"))
+    output = tmp_path / "out.jsonl"
+    result = run_script("predict.py", "--config", str(ROOT / "configs/predict-tiny.yaml"), "--model.pretrained",
+                        str(tmp_path / "hf"), "--data.prompt", "1+1=", "--predictions.output", str(output),
+                        "--model.generation.max_new_tokens", "4")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Loading weights" not in result.stderr and "\r" not in result.stderr, result.stderr[-3000:]
+    assert [json.loads(line)["prompt"] for line in output.read_text().splitlines()] == ["1+1="]
