@@ -150,16 +150,3 @@ def test_the_memory_is_per_model_device_and_dtype(models):
     assert drafting.memory_of(model, torch.device("cpu"), torch.float64) is memory
     assert drafting.memory_of(models["llama"], torch.device("cpu"), torch.float64) is not memory
     assert drafting.memory_of(model, torch.device("cpu"), torch.float32) is not memory
-
-
-def test_placeholders_after_the_predictions_are_not_counted_as_misses():
-    """A draft of 7 that held 3 predictions, all confirmed: evidence of 3 hits, no miss (the placeholders say
-    nothing about the model's guesses); a rejected prediction is a miss."""
-    policy = DraftPolicy(7, 2)
-    policy.accepted([0, 1], 7, [3, 1], [3, 7])
-    assert (policy.hits, policy.trials) == ([3.0, 1.0], [3.0, 2.0])
-    assert policy.rate(0) > policy.rate(1)
-    policy.accepted([0, 1], 7, [2, 2], [0, 7])  # row 0's draft held only placeholders: no evidence, it fades
-    assert policy.hits[0] == pytest.approx(3.0 * drafting.IDLE_FADE) and policy.trials[1] == pytest.approx(
-        2 * drafting.FADE + 3
-    )
