@@ -147,25 +147,20 @@ class DraftPolicy:
         self._medians[size] = median(samples)
         self._table = None
 
-    def accepted(self, rows: list[int], drafted: int, accepted: list[int], predictions: list[int]) -> None:
+    def accepted(self, rows: list[int], drafted: int, accepted: list[int], informative: list[bool]) -> None:
         """Record, per active row, how many of ``drafted`` draft tokens the forward confirmed.
 
-        ``predictions[i]``: how many leading tokens of the row's draft were the
-        model's predictions; the rest were placeholders (after a forward that
-        confirmed much, most of the next draft is). Only predictions say how
-        often the model's guesses are right: a placeholder is almost never
-        confirmed, and counting it as a miss would make long runs of confirmed
-        tokens look rare. A row whose draft held no prediction is left out.
+        ``informative[i]`` is False when the row's draft held no prediction yet
+        (only placeholders after a step without a draft): it says nothing about
+        the row's drafts and is left out.
         """
         hits = trials = 0.0
-        for row, count, known in zip(rows, accepted, predictions):
-            known = min(known, drafted)
-            if known:
-                confirmed = min(count, known)  # all ``known`` confirmed: censored there, no miss seen
-                tried = confirmed + (count < known)
-                self.hits[row] = self.hits[row] * FADE + confirmed
+        for row, count, useful in zip(rows, accepted, informative):
+            if drafted and useful:
+                tried = min(count + 1, drafted)
+                self.hits[row] = self.hits[row] * FADE + count
                 self.trials[row] = self.trials[row] * FADE + tried
-                hits, trials = hits + confirmed, trials + tried
+                hits, trials = hits + count, trials + tried
             else:
                 self.hits[row] *= IDLE_FADE
                 self.trials[row] *= IDLE_FADE

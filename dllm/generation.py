@@ -445,7 +445,7 @@ def _jacobi_loop(run: _Run, add_eos_length: int, policy: DraftPolicy) -> None:
         else:
             accepted, counts_accepted = None, [0] * b
             confirmed = counts_accepted
-        policy.accepted(batch.rows, k, confirmed, predicted)
+        policy.accepted(batch.rows, k, confirmed, [p > 0 for p in predicted])
         if run.tracing():
             draft0, tokens0 = draft[0].tolist(), tokens[0].tolist()
             run.emit(

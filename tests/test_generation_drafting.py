@@ -57,7 +57,7 @@ def test_a_silent_row_drifts_back_to_trying():
     policy.hits, policy.trials = [0.0], [20.0]
     assert policy.choose([0], [500]) == 0
     for _ in range(300):  # forwards without a draft: the evidence fades toward the prior
-        policy.accepted([0], 0, [0], [0])
+        policy.accepted([0], 0, [0], [False])
     decisions = [policy.choose([0], [500]) for _ in range(drafting.HOLD)]  # past the standing decision
     assert decisions[-1] > 0
 
