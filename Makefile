@@ -19,9 +19,11 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 
 # Train the tiny default on CPU (everything in runs/tiny; a rerun replaces checkpoints/last.ckpt), then predict
 # on examples/prompts.txt with that newest checkpoint, replacing the previous demo's predictions.
+# One torch thread: as fast for this tiny model, and 8x faster per step when another program shares the cores
+# (measured: 0.28 s vs 2.3 s per step with a training job on the other core of 2).
 demo: setup
-	$(PY) train.py fit --config configs/tiny.yaml --trainer.max_steps $(STEPS)
-	$(PY) predict.py --config configs/predict-tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \
+	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/tiny.yaml --trainer.max_steps $(STEPS)
+	OMP_NUM_THREADS=1 $(PY) predict.py --config configs/predict-tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \
 		--data.prompts_file examples/prompts.txt --predictions.overwrite true
 
 test: setup
