@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 
 # Train the tiny default on CPU (everything in runs/tiny; a rerun replaces checkpoints/last.ckpt), then predict
 # on examples/prompts.txt with that newest checkpoint, replacing the previous demo's predictions.
-# One torch thread: as fast for this tiny model, and 8x faster per step when another program shares the cores
-# (measured: 0.28 s vs 2.3 s per step with a training job on the other core of 2).
+# One torch thread: with two, a step of this tiny model took 8x longer (2.3 s vs 0.28 s) while another training
+# job ran on the other of the machine's 2 cores.
 demo: setup
 	OMP_NUM_THREADS=1 $(PY) train.py fit --config configs/tiny.yaml --trainer.max_steps $(STEPS)
 	OMP_NUM_THREADS=1 $(PY) predict.py --config configs/predict-tiny.yaml --ckpt_path runs/tiny/checkpoints/last.ckpt \
