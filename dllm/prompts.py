@@ -20,11 +20,10 @@ The recipe (README, docs/real.md): prompts, the base model's answers, fine-tune 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
-from pathlib import Path
 
+from dllm.records import write_jsonl
 from dllm.tasks import SPLIT_BUCKETS, TASKS, split_of
 
 TOPICS = [
@@ -174,14 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         records = make_prompts(args.split, args.num, args.seed)
     except ValueError as err:
         parser.error(str(err))
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if args.out == "-":
-        sys.stdout.write(lines)
-    else:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(lines, encoding="utf-8")
-        print(f"wrote {len(records)} {args.split} prompts to {out}", file=sys.stderr)
+    write_jsonl(records, args.out, f"{len(records)} {args.split} prompts")
     return 0
 
 

@@ -9,6 +9,7 @@ arguments without a tokenizer or model. Mistakes raise ``UserError``.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,18 @@ def _check_prompts(prompt: str | list[str] | None) -> None:
     for i, text in enumerate([prompt] if isinstance(prompt, str) else prompt or []):
         if not isinstance(text, str) or not text.strip():
             raise UserError(f"data.prompt[{i}]: expected a non-empty string, got {text!r}")
+
+
+def write_jsonl(records: list[dict], out: str, what: str) -> None:
+    """Write ``records`` as JSONL to the path ``out`` (its folder created) or, for ``"-"``, to stdout.
+
+    ``what`` names them in the line printed to stderr after a file is written ("400 train prompts").
+    """
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if out == "-":
+        sys.stdout.write(lines)
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(lines, encoding="utf-8")
+    print(f"wrote {what} to {path}", file=sys.stderr)

@@ -9,10 +9,9 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
+from dllm.records import write_jsonl
 from dllm.tasks import SPLIT_BUCKETS, TASKS, generate_examples
 
 
@@ -69,14 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
 
-    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if args.out == "-":
-        sys.stdout.write(lines)
-    else:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(lines, encoding="utf-8")
-        print(f"wrote {len(records)} records to {out}", file=sys.stderr)
+    write_jsonl(records, args.out, f"{len(records)} records")
     return 0
 
 
