@@ -21,7 +21,7 @@ VOCAB = 40
 EOS = 1
 
 
-def _rope_kwargs() -> dict:
+def rope_kwargs() -> dict:
     return dict(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -39,13 +39,13 @@ def build_model(arch: str, seed: int = 0) -> torch.nn.Module:
     """A tiny random causal LM of the given architecture, float64, eval mode."""
     torch.manual_seed(seed)
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**_rope_kwargs()))
+        model = LlamaForCausalLM(LlamaConfig(**rope_kwargs()))
     elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**_rope_kwargs()))
+        model = Qwen2ForCausalLM(Qwen2Config(**rope_kwargs()))
     elif arch == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **_rope_kwargs()))
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=8, **rope_kwargs()))
     elif arch == "mistral":
-        model = MistralForCausalLM(MistralConfig(sliding_window=None, **_rope_kwargs()))
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **rope_kwargs()))
     elif arch == "gpt2":
         model = GPT2LMHeadModel(
             GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=512, eos_token_id=EOS)

@@ -8,7 +8,7 @@ some forced deliberately. The truth is HF greedy ``generate`` on each row alone
 
 import pytest
 import torch
-from conftest import EOS, VOCAB
+from conftest import EOS, VOCAB, rope_kwargs
 from generation_helpers import generated_rows, naive_refine, prompts
 from transformers import (
     Gemma2Config,
@@ -34,17 +34,7 @@ WINDOWED = ["mistral", "qwen2-window", "gemma2", "gemma3"]
 def windowed_model(arch: str) -> torch.nn.Module:
     """A tiny float64 model whose (some) layers attend to the last ``WINDOW`` positions only."""
     torch.manual_seed(0)
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=EOS,
-        pad_token_id=0,
-    )
+    kw = {**rope_kwargs(), "num_hidden_layers": 4}
     if arch == "mistral":  # every layer windowed
         model = MistralForCausalLM(MistralConfig(sliding_window=WINDOW, **kw))
     elif arch == "qwen2-window":  # layers 2 and 3 windowed
