@@ -3,9 +3,10 @@
 ``PredictionWriter`` writes each finished batch at once to a per-rank shard
 (``<output>.rank<r>``), and at the end merges every shard, plus what an
 earlier run had already written, into ``output`` in input order. A rerun on
-the same output reuses the records that match it (prompt, generation settings,
-model) and predicts the rest, so a killed run loses nothing it had finished;
-records that do not match stop the run unless ``overwrite`` is set
+the same output reuses the records that match it (prompt and rendered prompt,
+generation settings, model, tokenizer) and predicts the rest, so a killed run
+loses nothing it had finished; records that do not match stop the run unless
+``overwrite`` is set, which replaces the output only once the new one is written
 (``dllm.predictions`` has the rules).
 
 Paths left unset derive from ``trainer.default_root_dir``, so one flag moves a
@@ -28,7 +29,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dllm import predictions
 from dllm.errors import UserError
+from dllm.records import dumps_line
 from dllm.strategies import forwards_are_collective
+from dllm.tokenizer import tokenizer_fingerprint
 
 
 class SampleGeneration(L.Callback):
@@ -78,9 +81,11 @@ class PredictionWriter(BasePredictionWriter):
     Args:
         output: the JSONL file to write; default ``<trainer.default_root_dir>/predictions.jsonl``.
         echo: also print each response with its tokens per forward as it is written.
-        overwrite: replace what is already in ``output`` (and its shards). Without it, earlier
-            records are reused only when their prompt text, generation settings and model match
-            this run, and any other earlier record stops the run before it predicts anything.
+        overwrite: predict every prompt again and replace ``output`` with the new records once they
+            are all written (the old file stays until then; a killed run's shards are removed). Without
+            it, earlier records are reused only when their prompt and rendered prompt, generation
+            settings, model and tokenizer match this run, and any other earlier record stops the run
+            before it predicts anything.
         checkpoint: set by the CLI from ``--ckpt_path`` (linked), not by hand: each record
             stores a fingerprint of the weights, so a rerun never reuses another model's records.
     """
@@ -99,9 +104,9 @@ class PredictionWriter(BasePredictionWriter):
     def _shards(self) -> list[Path]:
         return sorted(self.path.parent.glob(self.path.name + ".rank*"))
 
-    def _existing(self) -> dict[str, dict]:
-        """Records already written: the output file, then the shards of a killed run."""
-        records = predictions.read_predictions(self.path)
+    def _existing(self, output: bool = True) -> dict[str, dict]:
+        """Records already written: the output file (unless ``output=False``), then the shards of a killed run."""
+        records = predictions.read_predictions(self.path) if output else {}
         for shard in self._shards():
             records.update(predictions.read_predictions(shard))
         return records
@@ -116,6 +121,8 @@ class PredictionWriter(BasePredictionWriter):
             return
         self.path = Path(self.output) if self.output else Path(trainer.default_root_dir) / "predictions.jsonl"
         self._model = predictions.model_fingerprint(self.checkpoint, pl_module.hparams)
+        self._tokenizer = tokenizer_fingerprint(pl_module.tokenizer)
+        self._digests = {item["id"]: item["prompt_digest"] for item in trainer.datamodule.predict_set.items}
         # rank 0 decides (lock, what to reuse) and tells the others, so every rank stops on the same error
         outcome = self._prepare(trainer, pl_module) if trainer.is_global_zero else None
         outcome = trainer.strategy.broadcast(outcome, src=0)
@@ -137,15 +144,16 @@ class PredictionWriter(BasePredictionWriter):
             note = self._lock.acquire()
             if note:
                 rank_zero_info(note)
-            if self.overwrite:
-                for old in (self.path, *self._shards(), self.metrics_path):
-                    old.unlink(missing_ok=True)
+            if self.overwrite:  # the old output stays until the new one replaces it (merge)
+                for old in self._shards():
+                    old.unlink()
                 return {"reuse": []}
             for shard in self._shards():
                 predictions.repair_torn_tail(shard)
             existing = self._existing()
             prompts = {item["id"]: item["prompt"] for item in trainer.datamodule.predict_set.items}
-            why = predictions.mismatch(existing, prompts, pl_module.generation.recorded(), self._model)
+            settings = pl_module.generation.recorded()
+            why = predictions.mismatch(existing, prompts, settings, self._model, self._tokenizer, self._digests)
             if why:
                 raise UserError(
                     f"{self.path} already holds {len(existing)} predictions that this run may not reuse: {why}; "
@@ -159,8 +167,13 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
         with self._shard.open("a", encoding="utf-8") as f:
             for record in prediction:
-                record = {**record, "checkpoint": self._model}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                record = {
+                    **record,
+                    "tokenizer": self._tokenizer,
+                    "checkpoint": self._model,
+                    "prompt_digest": self._digests[record["id"]],
+                }
+                f.write(dumps_line(record))
                 if self.echo:
                     tpf = record["new_tokens"] / max(record["forwards"], 1)
                     print(f"[{record['id']}] {record['prompt']!r} -> {record['response']!r} ({tpf:.2f} tokens/forward)")
@@ -185,8 +198,11 @@ class PredictionWriter(BasePredictionWriter):
             self._lock.release()
 
     def merge(self, order: list[str]) -> None:
-        """Write ``output`` with every record in input order, remove the shards, score against references."""
-        records = self._existing()
+        """Write ``output`` with every record in input order, remove the shards, score against references.
+
+        With ``overwrite`` only this run's records (the shards) count: the old output is replaced, never merged.
+        """
+        records = self._existing(output=not self.overwrite)
         missing = [i for i in order if i not in records]
         predictions.write_in_order(self.path, records, order)
         for shard in self._shards():
@@ -195,7 +211,9 @@ class PredictionWriter(BasePredictionWriter):
             raise RuntimeError(f"{self.path}: {len(missing)} prompts have no prediction (first: {missing[0]!r})")
         rank_zero_info(f"wrote {len(order)} predictions to {self.path}")
         metrics = predictions.score(records[i] for i in order)
-        if metrics is not None:
+        if metrics is None:
+            self.metrics_path.unlink(missing_ok=True)  # it scored an earlier output
+        else:
             self.metrics_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
             rank_zero_info(
                 f"exact match {metrics['exact_match']:.1%}, contains match {metrics['contains_match']:.1%} "

@@ -42,6 +42,8 @@ from dllm.records import check_arguments
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # --ckpt_path values Lightning resolves itself (not files)
 SPECIAL_CHECKPOINTS = ("last", "best", "hpc")
+# model options that say how to run the weights of a --ckpt_path: a value given on the command line wins
+RUNTIME_MODEL_KEYS = ("dtype", "attn_implementation")
 
 # Lightning 2.6 still builds torch's deprecated LeafSpec on every batch: noise, not ours to fix.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
@@ -84,11 +86,18 @@ class DLLMCLI(LightningCLI):
                 _check_data(self.config[subcommand].data, subcommand)
 
     def _parse_ckpt_path(self) -> None:
+        # Lightning puts the checkpoint's hyperparameters over the command line; how to run the weights
+        # (--model.dtype, --model.attn_implementation) is the user's choice when given, not the checkpoint's.
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        given = {k: model.get(k) for k in RUNTIME_MODEL_KEYS if model.get(k) is not None} if model else {}
         try:
             super()._parse_ckpt_path()
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:  # the file passed check_checkpoint
             path = self.config[self.config.subcommand].get("ckpt_path")
             raise UserError(f"--ckpt_path {path}: not a readable checkpoint ({type(e).__name__})") from e
+        for key, value in given.items():
+            self.config[subcommand].model[key] = value
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

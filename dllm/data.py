@@ -13,12 +13,17 @@
 Records are never dropped silently. An example whose prompt + response (+ EOS)
 is longer than ``max_length`` is never cut (a cut response would lose its EOS
 and teach the model never to stop): ``too_long="drop"`` skips it,
-``too_long="error"`` raises naming it. Records with an empty response, and
-records a generation budget cut (``finish_reason: "length"`` in a predictions
-file used as training data: appending EOS would teach the model to stop
-mid-answer), are skipped. Every skip is counted in one warning per file that
-names the first record of each kind. User mistakes raise ``UserError`` naming
-the argument, or the file and line.
+``too_long="error"`` raises naming it. Records with an empty response are
+skipped; every skip is counted in one warning per file that names the first
+record of each kind. An empty prompt is an error. User mistakes raise
+``UserError`` naming the argument, or the file and line.
+
+A predictions file trains as is (self-distillation). Its records carry the token
+ids the model wrote (``response_ids``) and the fingerprint of the tokenizer that
+wrote them: with the same tokenizer those ids are the training targets (no
+re-tokenizing of the decoded text, which can split the same text differently).
+A record cut by the generation budget (``finish_reason: "length"``) trains
+without a closing EOS: the model learns its tokens, never to stop there.
 """
 
 from __future__ import annotations
@@ -29,18 +34,22 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from jinja2 import TemplateError
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from dllm import tasks as task_registry
 from dllm.errors import UserError
-from dllm.records import INTERNAL_KEYS, Record, check_arguments, field, is_messages, read_records
+from dllm.predictions import prompt_digest
+from dllm.records import INTERNAL_KEYS, Record, check_arguments, content_text, field, is_messages, read_records
 from dllm.strategies import forwards_are_collective
-from dllm.tokenizer import render_chat, response_text
+from dllm.tokenizer import render_chat, response_text, same_tokenizer, tokenizer_fingerprint
 
 # Keys a prediction record sets itself; an input field of the same name is replaced (the input's
 # ``response`` lives on as ``reference``).
-OUTPUT_KEYS = ("id", "prompt", "response", "reference", "new_tokens", "finish_reason", "forwards", "settings")
+OUTPUT_KEYS = (
+    "id", "prompt", "response", "reference", "new_tokens", "finish_reason", "forwards", "settings", "response_ids",
+    "tokenizer", "checkpoint", "prompt_digest",
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------
@@ -53,16 +62,37 @@ def encode(tokenizer, text: str) -> list[int]:
 
 
 def encode_example(
-    tokenizer, prompt: str | list[dict], response: str | list[dict], chat_template: bool | str = True
+    tokenizer,
+    prompt: str | list[dict],
+    response: str | list[dict],
+    chat_template: bool | str = True,
+    eos: bool = True,
 ) -> tuple[list[int], list[int], str]:
-    """Token ids of prompt and response (ending with exactly one EOS), and the response text."""
+    """Token ids of prompt and response (ending with exactly one EOS unless ``eos=False``), and the response text."""
     prompt_text, opening = render_chat(tokenizer, prompt, chat_template)
     prompt_ids = encode(tokenizer, prompt_text)
     text = response_text(response, opening)
-    response_ids = encode(tokenizer, text)
-    if not response_ids or response_ids[-1] != tokenizer.eos_token_id:
-        response_ids.append(tokenizer.eos_token_id)
-    return prompt_ids, response_ids, text
+    return prompt_ids, closed(tokenizer, encode(tokenizer, text), eos), text
+
+
+def closed(tokenizer, response_ids: list[int], eos: bool = True) -> list[int]:
+    """``response_ids`` ending with exactly one EOS (``eos=True``) or as they are (an answer cut by the budget)."""
+    if eos and (not response_ids or response_ids[-1] != tokenizer.eos_token_id):
+        return [*response_ids, tokenizer.eos_token_id]
+    return list(response_ids)
+
+
+def is_blank(prompt: str | list[dict]) -> bool:
+    """A prompt with no visible text: a blank string, or messages whose contents are all blank."""
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    return all(not (content_text(m["content"]) or "").strip() for m in prompt)
+
+
+def record_id(record: Record, index: int) -> str:
+    """The record's ``id`` as text; a missing or ``null`` id is its index in the file."""
+    value = record.get("id")
+    return str(index if value is None else value)
 
 
 # ----------------------------------------------------------------------------
@@ -276,17 +306,19 @@ class DLLMDataModule(L.LightningDataModule):
 
     # --- training examples ---------------------------------------------------------
 
-    def _example(self, record: Record, index: int) -> dict | str:
-        """One tokenized training example, or the reason it is skipped."""
+    def _example(self, record: Record, index: int, counts: dict[str, list[str]]) -> dict | str:
+        """One tokenized training example, or the reason it is skipped; ``counts`` collects how ids were chosen."""
         hp, where = self.hparams, record["_where"]
-        if record.get("finish_reason") == "length":
-            return "cut by the generation budget (finish_reason 'length')"
         prompt = field(record, hp.prompt_key, "data.prompt_key")
         response = field(record, hp.response_key, "data.response_key")
-        try:
-            prompt_ids, response_ids, text = encode_example(self.tokenizer, prompt, response, hp.chat_template)
-        except TemplateError as e:
-            raise UserError(f"{where}: the chat template (data.chat_template) failed: {e}") from None
+        if is_blank(prompt):
+            raise UserError(f"{where}: empty prompt ({hp.prompt_key!r}); give it text or remove the record")
+        cut = record.get("finish_reason") == "length"  # cut by the generation budget: no closing EOS
+        prompt_text, opening = self._render(prompt, where)
+        prompt_ids = encode(self.tokenizer, prompt_text)
+        text = response_text(response, opening)
+        recorded = self._recorded_ids(record, counts)
+        response_ids = closed(self.tokenizer, encode(self.tokenizer, text) if recorded is None else recorded, not cut)
         if not text.strip():
             return "with an empty response"
         length = len(prompt_ids) + len(response_ids)
@@ -295,7 +327,7 @@ class DLLMDataModule(L.LightningDataModule):
                 raise UserError(f"{where}: prompt + response is {length} tokens, over data.max_length={hp.max_length}")
             return f"longer than data.max_length={hp.max_length}"
         return {
-            "id": str(record.get("id", index)),
+            "id": record_id(record, index),
             "where": where,
             "prompt": prompt,
             "prompt_ids": prompt_ids,
@@ -305,11 +337,28 @@ class DLLMDataModule(L.LightningDataModule):
             "task": record.get("task"),
         }
 
+    def _recorded_ids(self, record: Record, counts: dict[str, list[str]]) -> list[int] | None:
+        """The token ids predict recorded for the response, when this tokenizer wrote them and they still spell it."""
+        ids = record.get("response_ids")
+        if ids is None or self.hparams.response_key != "response":
+            return None
+        where, vocab = record["_where"], len(self.tokenizer)
+        if not (isinstance(ids, list) and all(isinstance(i, int) and 0 <= i < vocab for i in ids)):
+            raise UserError(f"{where}: response_ids must be a list of token ids in [0, {vocab})")
+        if not same_tokenizer(record.get("tokenizer"), tokenizer_fingerprint(self.tokenizer)):
+            counts.setdefault("other tokenizer", []).append(where)
+            return None
+        if self.tokenizer.decode(ids, skip_special_tokens=False) != record.get("response"):
+            counts.setdefault("edited", []).append(where)
+            return None
+        counts.setdefault("exact", []).append(where)
+        return ids
+
     def _examples(self, records: list[Record], what: str) -> list[dict]:
         """Tokenized training examples; skipped records are counted in one warning per file."""
-        examples, skipped = [], {}
+        examples, skipped, counts = [], {}, {}
         for index, record in enumerate(records):
-            example = self._example(record, index)
+            example = self._example(record, index, counts)
             if isinstance(example, str):
                 skipped.setdefault(example, []).append(record["_where"])
             else:
@@ -322,7 +371,29 @@ class DLLMDataModule(L.LightningDataModule):
             hint = "; data.too_long='error' stops at a long one instead" if long else ""
             count = sum(map(len, skipped.values()))
             rank_zero_warn(f"{what}: skipped {count} of {len(records)} records: {summary}{hint}")
+        self._report_ids(counts, len(records), what)
         return examples
+
+    def _report_ids(self, counts: dict[str, list[str]], total: int, what: str) -> None:
+        """One line on which records train on their recorded token ids, and one warning per reason others do not."""
+        fingerprint = tokenizer_fingerprint(self.tokenizer)
+        if "exact" in counts:
+            rank_zero_info(
+                f"{what}: training on the recorded token ids (response_ids) of {len(counts['exact'])} of {total} "
+                f"records (tokenizer {fingerprint})"
+            )
+        if "other tokenizer" in counts:
+            where = counts["other tokenizer"]
+            rank_zero_warn(
+                f"{what}: {len(where)} records carry response_ids of another tokenizer (first: {where[0]}; this "
+                f"model's is {fingerprint}): they train on their response text, tokenized again"
+            )
+        if "edited" in counts:
+            where = counts["edited"]
+            rank_zero_warn(
+                f"{what}: {len(where)} records have a response that is not the text of their response_ids (edited? "
+                f"first: {where[0]}): they train on the response text"
+            )
 
     def _task_records(self, split: str, num: int) -> list[Record]:
         hp = self.hparams
@@ -423,17 +494,20 @@ class DLLMDataModule(L.LightningDataModule):
         """One prompt to predict: its ids, its reference, and the record's other fields to write back."""
         hp, where = self.hparams, record["_where"]
         prompt = field(record, hp.prompt_key, "data.prompt_key")
+        if is_blank(prompt):
+            raise UserError(f"{where}: empty prompt ({hp.prompt_key!r}); give it text or remove the record")
         text, opening = self._render(prompt, where)
         prompt_ids = encode(self.tokenizer, text)
         if not prompt_ids or not text.strip():
-            raise UserError(f"{where}: empty prompt")
+            raise UserError(f"{where}: empty prompt after the chat template (data.chat_template)")
         self._check_prompt_fits(len(prompt_ids), where)
         extra = {k: v for k, v in record.items() if k not in (*INTERNAL_KEYS, *OUTPUT_KEYS, hp.prompt_key)}
         return {
-            "id": str(record.get("id", index)),
+            "id": record_id(record, index),
             "index": index,
             "prompt": prompt,
             "prompt_ids": prompt_ids,
+            "prompt_digest": prompt_digest(text, prompt_ids),
             "reference": self._reference(record, opening),
             "answer": record.get("answer"),
             "task": record.get("task"),

@@ -297,7 +297,8 @@ class DLLMModule(L.LightningModule):
 
         A record is the input record's extra fields (``batch["extra"]``, from a prompts file), then
         ``id``, ``prompt``, ``response`` (generated), ``reference`` (when the input has one),
-        ``new_tokens``, ``finish_reason``, ``forwards`` and ``settings``.
+        ``new_tokens``, ``finish_reason``, ``forwards``, ``settings`` and ``response_ids`` (the
+        generated token ids of ``response``: the stop token is in neither).
         """
         settings = {**asdict(self.generation), **overrides}
         seed, use_cache, trace = settings.pop("seed"), settings.pop("use_cache"), settings.pop("trace")
@@ -338,6 +339,7 @@ class DLLMModule(L.LightningModule):
                 finish_reason=out.finish_reason[i],
                 forwards=int(out.forwards[i]),
                 settings={**settings, "seed": seed, "use_cache": use_cache},
+                response_ids=tokens,
             )
             records.append(record)
         return records

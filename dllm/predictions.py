@@ -4,12 +4,13 @@
 
 - ``read_predictions`` / ``repair_torn_tail``: a killed run leaves at most one torn last
   line per file; it is dropped and that prompt is predicted again.
-- ``model_fingerprint``: a cheap identity of the weights (a checkpoint's size and last MiB,
-  where a torch zip keeps the CRC-32 of every tensor), stored in each record.
-- ``mismatch``: an earlier record is reused only when its prompt text, generation settings
-  and model match this run; anything else is named, in one line, and nothing is deleted.
+- ``model_fingerprint``: the identity of the weights (a SHA-256 of every byte of the checkpoint
+  or model folder, cached by path, size and mtime) and of the options that load them.
+- ``mismatch``: an earlier record is reused only when its prompt, its rendered prompt, the
+  generation settings, the model and the tokenizer match this run; anything else is named, in
+  one line, and nothing is deleted.
 - ``OutputLock``: ``<output>.lock`` so two runs never write one output; a lock left by a
-  killed run on this host is recognised by its pid and taken over.
+  killed run on this host (or left empty or unreadable) is taken over.
 - ``score``: exact- and contains-match rates over records that carry a reference.
 """
 
@@ -24,8 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from dllm.errors import UserError
+from dllm.records import decode_text, dumps_line, split_lines
 
-TAIL_BYTES = 1 << 20  # a torch zip's central directory (CRC-32 per tensor) sits in its last bytes
+# The model options that change what the same weights compute (or which weights and tokenizer load).
+MODEL_KEYS = ("pretrained", "model_config", "tokenizer", "dtype", "trust_remote_code", "attn_implementation")
+CACHED_HASH_BYTES = 64 << 20  # files at least this big keep their hash in the cache (a 1 GB file takes seconds)
 
 
 # ----------------------------------------------------------------------------
@@ -33,20 +37,36 @@ TAIL_BYTES = 1 << 20  # a torch zip's central directory (CRC-32 per tensor) sits
 
 
 def read_predictions(path: Path) -> dict[str, dict]:
-    """Records of a predictions JSONL by id; a torn last line (killed run) is ignored."""
+    """Records of a predictions JSONL by id; a torn last line (killed run) is ignored.
+
+    Lines end only at ``\\n``: a U+2028 or U+0085 inside a response (written raw by older versions) is text.
+    A last line without its ``\\n`` that does not decode or parse (the kill may cut a character
+    in half) is the torn write of a killed run: that prompt is predicted again.
+    """
     records: dict[str, dict] = {}
     if not path.is_file():
         return records
-    lines = path.read_text(encoding="utf-8").splitlines()
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    lines = split_lines(decode_text(data[:end], path))
+    if data[end:]:
+        try:
+            last = data[end:].decode("utf-8")
+            json.loads(last)
+            lines.append(last)  # complete but for its newline
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            pass  # torn by a kill
     for line_no, line in enumerate(lines, 1):
-        if not line.strip():
+        if not line.strip(" \t\r"):
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
-            if line_no == len(lines):
-                continue  # the write was cut off by a kill: that prompt is predicted again
-            raise UserError(f"{path}:{line_no}: malformed JSON in an existing predictions file") from None
+        except json.JSONDecodeError as e:
+            reason = e.msg.removesuffix(" at")
+            raise UserError(
+                f"{path}:{line_no}: malformed JSON in an existing predictions file: {reason} at column {e.colno} "
+                "(--predictions.overwrite true replaces the file)"
+            ) from None
         if not isinstance(record, dict) or "id" not in record:
             raise UserError(f"{path}:{line_no}: not a prediction record (no 'id')")
         records[str(record["id"])] = record
@@ -56,18 +76,18 @@ def read_predictions(path: Path) -> dict[str, dict]:
 def repair_torn_tail(path: Path) -> None:
     """Cut a last line without its newline (a write cut off by a kill) before appending to the file."""
     if path.is_file():
-        text = path.read_text(encoding="utf-8")
-        if text and not text.endswith("\n"):
-            path.write_text(text[: text.rfind("\n") + 1], encoding="utf-8")
+        data = path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
 def write_in_order(path: Path, records: Mapping[str, dict], order: Iterable[str]) -> None:
     """Write the records of ``order`` that exist, in that order, replacing ``path`` atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with tmp.open("w", encoding="utf-8", newline="") as f:
         for record_id in order:
             if record_id in records:
-                f.write(json.dumps(records[record_id], ensure_ascii=False) + "\n")
+                f.write(dumps_line(records[record_id]))
     tmp.replace(path)
 
 
@@ -75,43 +95,84 @@ def write_in_order(path: Path, records: Mapping[str, dict], order: Iterable[str]
 # Which model wrote a record
 
 
-def _hash_file(h: Any, path: Path) -> None:
-    size = path.stat().st_size
-    h.update(f"{path.name}:{size}:".encode())
+def _hash_cache_path() -> Path:
+    root = os.environ.get("DLLM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dllm"
+    return Path(root) / "file-hashes.json"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of every byte of ``path``; for big files cached by (path, size, mtime, inode).
+
+    A rewritten file gets a new mtime (and usually size), so the cache never serves a stale hash for a
+    file changed through the file system; the cache file is ``$DLLM_CACHE_DIR/file-hashes.json``
+    (default ``~/.cache/dllm``) and is only a speed-up: when it cannot be read or written, files are hashed.
+    """
+    stat = path.stat()
+    key = str(path.resolve())
+    stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+    cache_path = _hash_cache_path()
+    cache: dict = {}
+    if stat.st_size >= CACHED_HASH_BYTES:
+        try:
+            cache = json.loads(cache_path.read_text(encoding="utf-8"))
+            if cache.get(key, {}).get("stamp") == stamp:
+                return cache[key]["sha256"]
+        except (OSError, ValueError, AttributeError):
+            cache = {}
+    h = hashlib.sha256()
     with path.open("rb") as f:
-        f.seek(max(0, size - TAIL_BYTES))
-        h.update(f.read())
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if stat.st_size >= CACHED_HASH_BYTES:
+        try:
+            cache = cache if isinstance(cache, dict) else {}
+            cache[key] = {"stamp": stamp, "sha256": digest}
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache), encoding="utf-8")
+            tmp.replace(cache_path)
+        except OSError:
+            pass
+    return digest
 
 
 def _hash_path(h: Any, path: Path) -> None:
-    """Size and tail of a file, or of every file of a folder (sharded checkpoints, HF folders)."""
+    """Every byte of a file, or of every file of a folder (sharded checkpoints, HF folders)."""
     if path.is_file():
-        _hash_file(h, path)
+        h.update(f"{path.name}:{file_sha256(path)}:".encode())
     elif path.is_dir():
         for file in sorted(p for p in path.rglob("*") if p.is_file()):
-            h.update(str(file.relative_to(path)).encode())
-            _hash_file(h, file)
+            h.update(f"{file.relative_to(path)}:{file_sha256(file)}:".encode())
     else:
-        h.update(str(path).encode())  # "last", a URL: the name is all we can check cheaply
+        h.update(str(path).encode())  # "last", a URL: the name is all we can check
 
 
 def model_fingerprint(checkpoint: str | None, hparams: Mapping[str, Any]) -> str:
-    """``"<source>@<16 hex digits>"``: the checkpoint (or pretrained model) and a cheap hash of its bytes.
+    """``"<source>@<16 hex digits>"``: the checkpoint (or pretrained model) and a hash of what computes with it.
 
-    Without a checkpoint the hash covers the model's hyperparameters and, for a local
-    ``pretrained`` folder, its files, so a changed model is never mistaken for the old one.
+    The hash covers every byte of the checkpoint (or, without one, of a local ``pretrained``
+    folder) and the model options that change the result of the same weights: ``MODEL_KEYS``
+    (dtype, attention implementation, tokenizer, ...). A change anywhere changes the fingerprint.
     """
     h = hashlib.sha256()
+    h.update(json.dumps({k: hparams.get(k) for k in MODEL_KEYS}, sort_keys=True, default=str).encode())
+    pretrained = hparams.get("pretrained")
     if checkpoint is not None:
         source = str(checkpoint)
         _hash_path(h, Path(checkpoint))
     else:
-        pretrained = hparams.get("pretrained")
         source = str(pretrained) if pretrained else "model_config"
-        h.update(json.dumps(dict(hparams), sort_keys=True, default=str).encode())
         if pretrained and Path(pretrained).exists():
             _hash_path(h, Path(pretrained))
     return f"{source}@{h.hexdigest()[:16]}"
+
+
+def prompt_digest(text: str, ids: list[int]) -> str:
+    """16 hex digits of the rendered prompt text and its token ids: what the model was asked."""
+    h = hashlib.sha256(text.encode("utf-8", "surrogatepass"))
+    h.update(json.dumps(ids).encode())
+    return h.hexdigest()[:16]
 
 
 def _digest(fingerprint: Any) -> str | None:
@@ -130,7 +191,12 @@ def _settings_change(old: Any, new: Mapping[str, Any]) -> str:
 
 
 def mismatch(
-    existing: Mapping[str, dict], prompts: Mapping[str, Any], settings: Mapping[str, Any], model: str
+    existing: Mapping[str, dict],
+    prompts: Mapping[str, Any],
+    settings: Mapping[str, Any],
+    model: str,
+    tokenizer: str | None = None,
+    rendered: Mapping[str, str] | None = None,
 ) -> str | None:
     """Why the earlier records may not be reused by this run, in one phrase; ``None`` when all match.
 
@@ -139,6 +205,9 @@ def mismatch(
         prompts: this run's prompts by id (a string or chat messages, as in the records).
         settings: this run's generation settings, as records store them.
         model: this run's ``model_fingerprint``.
+        tokenizer: this run's ``tokenizer_fingerprint``; ``None`` does not check it.
+        rendered: this run's ``prompt_digest`` by id (the prompt after the chat template, as token ids);
+            ``None`` does not check it.
     """
     settings = json.loads(json.dumps(dict(settings)))  # tuples -> lists, as read back from JSON
     orphans = [i for i in existing if i not in prompts]
@@ -151,6 +220,10 @@ def mismatch(
         if _digest(record.get("checkpoint")) != _digest(model):
             return f"id {record_id!r} was written by another model ({record.get('checkpoint')}; this run: {model})"
     for record_id, record in existing.items():
+        if tokenizer is not None and _digest(record.get("tokenizer")) != _digest(tokenizer):
+            theirs = record.get("tokenizer")
+            return f"id {record_id!r} was written with another tokenizer ({theirs}; this run: {tokenizer})"
+    for record_id, record in existing.items():
         if record.get("settings") != settings:
             change = _settings_change(record.get("settings"), settings)
             return f"id {record_id!r} was written with other generation settings ({change})"
@@ -158,6 +231,12 @@ def mismatch(
         if record.get("prompt") != prompts[record_id]:
             return (
                 f"id {record_id!r} has another prompt text ({record.get('prompt')!r}; this run: {prompts[record_id]!r})"
+            )
+    for record_id, record in existing.items():
+        if rendered is not None and record.get("prompt_digest") != rendered[record_id]:
+            return (
+                f"id {record_id!r} was written for another rendered prompt (data.chat_template or the template "
+                f"changed: prompt_digest {record.get('prompt_digest')}; this run: {rendered[record_id]})"
             )
     return None
 
@@ -188,35 +267,63 @@ class OutputLock:
         self.held = False
 
     def acquire(self) -> str | None:
-        """Take the lock or raise ``UserError`` naming its holder; returns a note when a stale lock was taken over."""
+        """Take the lock or raise ``UserError`` naming its holder; returns a note when a stale lock was taken over.
+
+        A lock is stale when its pid is gone on this host, or when it is empty or unreadable (a
+        lock is written whole before it appears, so a live writer's lock is never empty).
+        """
         note = None
         for _ in range(2):
+            if self._create():
+                self.held = True
+                return note
+            holder = self._holder()
+            if holder == {}:
+                continue  # released just now: try again
+            if holder is None:
+                self.path.unlink(missing_ok=True)
+                note = f"removed an empty or unreadable lock {self.path}"
+                continue
+            if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+                if not _alive(holder["pid"]):
+                    self.path.unlink(missing_ok=True)
+                    note = f"removed a stale lock {self.path} (pid {holder['pid']} is gone)"
+                    continue
+            raise UserError(
+                f"{self.path.with_suffix('')} is being written by another predict run "
+                f"(pid {holder.get('pid')} on {holder.get('host')}); wait for it or choose another "
+                f"--predictions.output (delete {self.path} only if that run is gone)"
+            )
+        raise UserError(f"could not take the lock {self.path}")
+
+    def _create(self) -> bool:
+        """Create the lock with its content in one step (a hard link of a written file); ``False`` if it exists."""
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system: create, then write
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                holder = self._holder()
-                if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-                    if not _alive(holder["pid"]):
-                        self.path.unlink(missing_ok=True)
-                        note = f"removed a stale lock {self.path} (pid {holder['pid']} is gone)"
-                        continue
-                raise UserError(
-                    f"{self.path.with_suffix('')} is being written by another predict run "
-                    f"(pid {holder.get('pid')} on {holder.get('host')}); wait for it or choose another "
-                    f"--predictions.output (delete {self.path} only if that run is gone)"
-                ) from None
+                return False
             with os.fdopen(fd, "w") as f:
-                json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
-            self.held = True
-            return note
-        raise UserError(f"could not take the lock {self.path}")
+                f.write(tmp.read_text())
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
 
-    def _holder(self) -> dict:
+    def _holder(self) -> dict | None:
+        """The lock's holder; ``None`` when the lock is empty or not a holder record."""
         try:
-            holder = json.loads(self.path.read_text())
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}  # released just now: try again
         except (OSError, ValueError):
-            return {}  # being written right now, or not ours: treat as held
-        return holder if isinstance(holder, dict) else {}
+            return None
+        return holder if isinstance(holder, dict) and "pid" in holder else None
 
     def release(self) -> None:
         """Remove the lock if this process holds it (never another run's)."""

@@ -102,8 +102,8 @@ def test_resume_and_predict_use_the_newest_run(two_runs, tmp_path):
 
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     records = predict(tmp_path / "out", root / "checkpoints" / "last.ckpt", prompts)
+    assert {r["checkpoint"].split("@")[0] for r in records} == {str(root / "checkpoints" / "last.ckpt")}
     newest = model_fingerprint(str(root / "checkpoints" / "last.ckpt"), {})
-    assert {r["checkpoint"] for r in records} == {newest}
     assert newest.split("@")[1] != model_fingerprint(str(first), {}).split("@")[1]
 
 
@@ -120,9 +120,33 @@ def predicted(two_runs, tmp_path):
     return out, checkpoint, prompts, predict(out, checkpoint, prompts)
 
 
-def test_a_rerun_with_nothing_changed_reuses_every_record(predicted, capsys):
+def plant(path: Path, records: list[dict]) -> list[dict]:
+    """Mark each record (a field no run writes), so a rerun shows whether it reused or regenerated it."""
+    marked = [{**r, "planted": i} for i, r in enumerate(records)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in marked))
+    return marked
+
+
+def count_batches(monkeypatch) -> list[int]:
+    """Each predicted batch appends its size: a rerun that reuses every record predicts none."""
+    from dllm.module import DLLMModule
+
+    batches, real = [], DLLMModule.predict_step
+
+    def predict_step(module, batch, *args, **kwargs):
+        batches.append(len(batch["id"]))
+        return real(module, batch, *args, **kwargs)
+
+    monkeypatch.setattr(DLLMModule, "predict_step", predict_step)
+    return batches
+
+
+def test_a_rerun_with_nothing_changed_reuses_every_record(predicted, monkeypatch):
     out, checkpoint, prompts, records = predicted
-    assert predict(out, checkpoint, prompts) == records
+    marked = plant(out / "predictions.jsonl", records)
+    batches = count_batches(monkeypatch)
+    assert predict(out, checkpoint, prompts) == marked  # regenerated records would have lost the mark
+    assert batches == []
 
 
 def test_other_generation_settings_stop_and_name_the_flag(predicted):
@@ -193,11 +217,13 @@ def test_a_killed_runs_shard_is_reused_and_its_torn_line_predicted_again(predict
     assert not list(out.glob("*.rank*")) and not list(out.glob("*.lock"))
 
 
-def test_a_run_killed_before_merging_is_merged_by_the_rerun(predicted):
+def test_a_run_killed_before_merging_is_merged_by_the_rerun(predicted, monkeypatch):
     out, checkpoint, prompts, records = predicted
-    (out / "predictions.jsonl").rename(out / "predictions.jsonl.rank1")  # every record in a shard, no output
-    assert predict(out, checkpoint, prompts) == records
-    assert not list(out.glob("*.rank*"))
+    (out / "predictions.jsonl").unlink()
+    marked = plant(out / "predictions.jsonl.rank1", records)  # every record in a shard, no output
+    batches = count_batches(monkeypatch)
+    assert predict(out, checkpoint, prompts) == marked
+    assert batches == [] and not list(out.glob("*.rank*"))
 
 
 def test_predict_scores_every_record_with_a_reference_reused_ones_included(two_runs, tmp_path):
@@ -313,3 +339,132 @@ def test_a_redirected_predict_from_an_hf_folder_prints_no_loading_bar(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Loading weights" not in result.stderr and "\r" not in result.stderr, result.stderr[-3000:]
     assert [json.loads(line)["prompt"] for line in output.read_text().splitlines()] == ["1+1="]
+
+
+# --- hostile records: line separators, overwrite, what resume matches, locks ---------------------------------
+
+
+def test_line_separators_in_prompts_and_responses_never_jam_predict(two_runs, tmp_path):
+    """Issue: a U+2028 in a record made every rerun fail at merge ("malformed JSON ... rank0:1"), for good."""
+    root, _ = two_runs
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    hostile = {"a": "1\u2028+2=", "b": "3\u2029+4\x85=", "c": "5\x0c+6\x0b=\x1c"}
+    prompts = write_prompts(tmp_path / "p.jsonl", hostile)
+    out = tmp_path / "out"
+    records = predict(out, checkpoint, prompts)
+    assert [r["prompt"] for r in records] == list(hostile.values())
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3  # one line per record for any reader
+    # an output written by an older version: the separators raw inside the strings, in responses too
+    raw = [{**r, "response": r["response"] + "\u2028\x85", "planted": True} for r in records]
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in raw))
+    assert predict(out, checkpoint, prompts) == raw  # read, reused, written back
+
+
+def test_overwrite_keeps_the_old_output_until_the_new_one_is_written(predicted, monkeypatch):
+    """Issue: --predictions.overwrite deleted the old output first, and a failing run then left nothing."""
+    from dllm.module import DLLMModule
+
+    out, checkpoint, prompts, records = predicted
+    metrics = out / "predictions.metrics.json"
+    metrics.write_text("{}")
+    with monkeypatch.context() as patched:
+        patched.setattr(DLLMModule, "predict_step", lambda *args, **kwargs: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            predict(out, checkpoint, prompts, "--model.generation.mode", "jacobi", "--predictions.overwrite", "true")
+    assert read(out / "predictions.jsonl") == records and metrics.read_text() == "{}"
+    again = predict(out, checkpoint, prompts, "--model.generation.mode", "jacobi", "--predictions.overwrite", "true")
+    assert [r["settings"]["mode"] for r in again] == ["jacobi"] * 3
+    assert not metrics.exists()  # no reference in these prompts: the old scores are gone with the old output
+
+
+def test_another_chat_template_stops_reuse(predicted):
+    """Issue: a rerun with --data.chat_template false reused the records made with the template."""
+    out, checkpoint, prompts, records = predicted
+    with pytest.raises(UserError, match=r"id 'a' was written for another rendered prompt \(data.chat_template"):
+        predict(out, checkpoint, prompts, "--data.chat_template", "false")
+    with pytest.raises(UserError, match=r"another rendered prompt"):
+        predict(out, checkpoint, prompts, "--data.chat_template", "{{ 'Question: ' + messages[0]['content'] }}")
+    assert read(out / "predictions.jsonl") == records
+
+
+@pytest.mark.parametrize("option", [["--model.dtype", "float64"], ["--model.attn_implementation", "eager"]])
+def test_model_options_with_a_checkpoint_stop_reuse(predicted, option):
+    """Issue: with --ckpt_path, model.dtype and attn_implementation were not part of what must match."""
+    out, checkpoint, prompts, records = predicted
+    with pytest.raises(UserError, match=r"id 'a' was written by another model"):
+        predict(out, checkpoint, prompts, *option)
+    assert read(out / "predictions.jsonl") == records
+
+
+def test_the_model_fingerprint_covers_every_byte_and_the_model_options(tmp_path, monkeypatch):
+    """Issue: a size + last-MiB fingerprint did not change when only layer 0 of a safetensors file changed."""
+    from dllm import predictions
+
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(os.urandom(3 << 20))
+    weights.write_bytes(bytes(data))
+    before = model_fingerprint(str(weights), {})
+    data[100] ^= 1  # a byte of the first tensor, far from the file's last MiB
+    weights.write_bytes(bytes(data))
+    assert model_fingerprint(str(weights), {}) != before
+    assert model_fingerprint(str(weights), {"dtype": "bfloat16"}) != model_fingerprint(str(weights), {})
+    assert model_fingerprint(str(weights), {"tokenizer": "t"}) != model_fingerprint(str(weights), {})
+
+    # big files keep their hash in a cache keyed by path, size, mtime and inode
+    monkeypatch.setenv("DLLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(predictions, "CACHED_HASH_BYTES", 1)
+    first = predictions.file_sha256(weights)
+    cache = json.loads((tmp_path / "cache" / "file-hashes.json").read_text())
+    assert cache[str(weights.resolve())]["sha256"] == first
+    cache[str(weights.resolve())]["sha256"] = "served from the cache"
+    (tmp_path / "cache" / "file-hashes.json").write_text(json.dumps(cache))
+    assert predictions.file_sha256(weights) == "served from the cache"
+    data[200] ^= 1
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(1, 1))  # a rewrite gets a new mtime
+    assert predictions.file_sha256(weights) not in (first, "served from the cache")
+
+
+def test_records_of_another_tokenizer_are_not_reused():
+    from dllm.predictions import mismatch
+
+    record = {"checkpoint": "m@1", "tokenizer": "t@1", "settings": {}, "prompt": "p", "prompt_digest": "d"}
+    assert mismatch({"a": record}, {"a": "p"}, {}, "m@1", "t@1", {"a": "d"}) is None
+    assert "another tokenizer (t@1; this run: t@2)" in mismatch({"a": record}, {"a": "p"}, {}, "m@1", "t@2", {"a": "d"})
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", "null", '{"host": "h"}'])
+def test_an_empty_or_corrupt_lock_is_taken_over(predicted, content, caplog):
+    """Issue: an empty or corrupt lock was never taken over ("pid None on None")."""
+    out, checkpoint, prompts, records = predicted
+    lock = out / "predictions.jsonl.lock"
+    lock.write_text(content)
+    assert predict(out, checkpoint, prompts) == records
+    assert not lock.exists() and "removed an empty or unreadable lock" in caplog.text
+
+
+def test_exact_tokens_round_trip_from_predict_to_train_file_and_cut_answers_train_without_eos(
+    predicted, tmp_path, caplog
+):
+    """Predict records carry response_ids and the tokenizer; train_file trains on exactly those ids."""
+    out, _, _, records = predicted
+    assert all(r["finish_reason"] == "length" for r in records)  # 6 new tokens: every answer is cut
+    assert all(len(r["response_ids"]) == r["new_tokens"] and r["tokenizer"].startswith("ByT5") for r in records)
+    train = out / "predictions.jsonl"
+    args = ["--data.task", "null", "--data.train_file", str(train), "--data.val_file", str(train),
+            "--trainer.logger", "false"]  # fmt: skip
+    cli = fit(tmp_path / "run", 1, *args)
+    assert "training on the recorded token ids (response_ids) of 3 of 3 records" in caplog.text
+    by_id = {r["id"]: r for r in records}
+    for item in cli.datamodule.train_set.items:
+        assert item["response_ids"] == by_id[item["id"]]["response_ids"]  # no closing EOS: the answer was cut
+        assert item["reference"] == by_id[item["id"]]["response"]
+
+    caplog.clear()
+    other = [{**r, "tokenizer": "other@0123456789abcdef", "finish_reason": "eos"} for r in records]
+    train.write_text("".join(json.dumps(r) + "\n" for r in other))
+    with pytest.warns(UserWarning, match=r"3 records carry response_ids of another tokenizer .*response text"):
+        cli = fit(tmp_path / "run2", 1, *args)
+    assert "training on the recorded token ids" not in caplog.text
+    eos = cli.model.tokenizer.eos_token_id
+    assert all(item["response_ids"][-1] == eos for item in cli.datamodule.train_set.items)

@@ -215,7 +215,7 @@ def test_chat_template_and_prompt_command_line_syntax(tmp_path):
 # --- training records: empty and cut responses ----------------------------------------------------------
 
 
-def test_empty_and_cut_responses_are_skipped_with_a_count(tmp_path):
+def test_empty_responses_are_skipped_with_a_count_and_cut_ones_train_without_eos(tmp_path):
     tok = with_template(R1_TEMPLATE)
     records = [
         *pairs(3),
@@ -231,15 +231,29 @@ def test_empty_and_cut_responses_are_skipped_with_a_count(tmp_path):
         data.setup("fit")
     messages = [str(w.message) for w in caught if "skipped" in str(w.message)]
     assert len(messages) == 2  # one per file (train and val)
-    assert "skipped 4 of 8 records" in messages[0]
-    assert f"3 with an empty response (first: {path}:4)" in messages[0]
-    assert f"1 cut by the generation budget (finish_reason 'length') (first: {path}:7)" in messages[0]
-    assert [it["reference"] for it in data.train_set.items] == ["0", "2", "4", "34"]
+    assert messages[0].endswith(f"skipped 3 of 8 records: 3 with an empty response (first: {path}:4)")
+    items = data.train_set.items
+    assert [it["reference"] for it in items] == ["0", "2", "4", "12", "34"]
+    eos = tok.eos_token_id
+    assert items[3]["response_ids"] == tok("12", add_special_tokens=False).input_ids  # cut: no closing EOS
+    assert items[4]["response_ids"] == [*tok("34", add_special_tokens=False).input_ids, eos]
 
     only_empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "a", "response": " "}])
     data = DLLMDataModule(train_file=str(only_empty), val_file=str(only_empty), tokenizer=tok)
     with pytest.raises(UserError, match=r"no usable examples \(skipped 1 with an empty response"):
         data.setup("fit")
+
+
+@pytest.mark.parametrize("prompt", ["", " \u2028 ", [{"role": "user", "content": ""}]])
+def test_an_empty_training_prompt_is_rejected_at_setup_naming_the_line(tmp_path, tokenizer, prompt):
+    """Issue: it passed setup and crashed validation generation with 'input_ids row 0 is empty'."""
+    path = write_jsonl(tmp_path / "train.jsonl", [*pairs(3), {"prompt": prompt, "response": "1"}])
+    for chat_template in (True, False):
+        data = DLLMDataModule(
+            train_file=str(path), val_file=str(path), tokenizer=tokenizer, chat_template=chat_template
+        )
+        with pytest.raises(UserError, match=rf"^{path}:4: empty prompt \('prompt'\)"):
+            data.setup("fit")
 
 
 def test_a_predictions_file_trains_as_is(tmp_path, tokenizer):
@@ -251,17 +265,21 @@ def test_a_predictions_file_trains_as_is(tmp_path, tokenizer):
     cut = module.generate_records(data._collate()(data.predict_set.items))  # an untrained model never stops
     assert {r["finish_reason"] for r in cut} == {"length"}
     assert list(cut[0]) == [
-        "source", "id", "prompt", "response", "reference", "new_tokens", "finish_reason", "forwards", "settings"
+        "source", "id", "prompt", "response", "reference", "new_tokens", "finish_reason", "forwards", "settings",
+        "response_ids",
     ]  # fmt: skip
     # the same records as a model that stopped would write them (a response that differs from the reference)
     stopped = [{**r, "id": f"{r['id']}-eos", "response": f"{r['reference']}!", "finish_reason": "eos"} for r in cut]
+    for r in stopped:
+        r["response_ids"] = tokenizer(r["response"], add_special_tokens=False).input_ids
     path = write_jsonl(tmp_path / "predictions.jsonl", [*cut, *stopped])
 
     data = DLLMDataModule(train_file=str(path), val_file=str(path), batch_size=2, tokenizer=tokenizer)
-    with pytest.warns(UserWarning, match=rf"skipped 6 of 12 records: 6 cut by .*'length'\) \(first: {path}:1\)"):
-        data.setup("fit")
-    assert [it["id"] for it in data.train_set.items] == [r["id"] for r in stopped]
-    assert [it["reference"] for it in data.train_set.items] == [r["response"] for r in stopped]  # the response
+    data.setup("fit")  # no skips: the cut answers train too, without a closing EOS
+    assert [it["id"] for it in data.train_set.items] == [r["id"] for r in [*cut, *stopped]]
+    assert [it["reference"] for it in data.train_set.items] == [r["response"] for r in [*cut, *stopped]]
+    eos = tokenizer.eos_token_id
+    assert [it["response_ids"][-1] == eos for it in data.train_set.items] == [False] * 6 + [True] * 6
     trainer = L.Trainer(
         accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
@@ -333,7 +351,8 @@ def test_records_carry_the_reference_and_the_inputs_extra_fields(tmp_path):
     assert batch["reference"] == ["2", "4", None] and batch["answer"] == [None, 4, None]
     records = module.generate_records(batch)
     assert list(records[0]) == [
-        "source", "id", "prompt", "response", "reference", "new_tokens", "finish_reason", "forwards", "settings"
+        "source", "id", "prompt", "response", "reference", "new_tokens", "finish_reason", "forwards", "settings",
+        "response_ids",
     ]  # fmt: skip
     assert (records[0]["reference"], records[0]["source"]) == ("2", "x")
     assert (records[1]["reference"], records[1]["answer"], records[1]["meta"]) == ("4", 4, {"k": [1]})
@@ -413,3 +432,117 @@ def test_two_epochs_train_in_different_orders(tmp_path):
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     assert len(seen) == 2 and sorted(seen[0]) == sorted(seen[1]) and seen[0] != seen[1]
+
+
+# --- hostile files: line separators, encodings, message parts, null ids, binary columns ----------------------
+
+
+def _prompts_of(path: Path, tokenizer, **kwargs) -> list[dict]:
+    data = DLLMDataModule(prompts_file=str(path), tokenizer=tokenizer, **kwargs)
+    data.setup("predict")
+    return data.predict_set.items
+
+
+def test_a_txt_prompt_line_ends_only_at_a_newline(tmp_path, tokenizer):
+    """Issue: str.splitlines made one .txt prompt with U+2028 or a form feed into two prompts, silently."""
+    inner = ["a\u2028b", "c\x0cd", "e\x85f", "g\u2029h", "i\x0bj", "k\x1cl\x1dm\x1en", "o\rp"]
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(("\ufeff" + "\n".join(inner[:3]) + "\r\n" + "\n".join(inner[3:]) + "\n\n  \n").encode())
+    items = _prompts_of(path, tokenizer)
+    assert [it["prompt"] for it in items] == inner  # the BOM dropped, \r\n read as \n, blank lines skipped
+    assert [it["id"] for it in items] == [str(i) for i in range(len(inner))]
+
+
+def test_jsonl_lines_end_only_at_a_newline_and_are_written_splitlines_safe(tmp_path, tokenizer):
+    from dllm.records import read_records
+    from dllm.records import write_jsonl as write_records
+
+    text = "x\u2028y\u2029z\x85w"
+    path = tmp_path / "raw.jsonl"  # as json.dumps(ensure_ascii=False) writes it: the separators raw
+    path.write_text(json.dumps({"prompt": text}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [r["prompt"] for r in read_records(path)] == [text]
+    out = tmp_path / "out.jsonl"
+    write_records([{"prompt": text}], str(out), "1 prompt")
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 1  # escaped: any line splitter reads one line
+    assert [r["prompt"] for r in read_records(out)] == [text]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json"])
+def test_a_file_that_is_not_utf8_names_file_line_and_byte_offset(tmp_path, tokenizer, suffix):
+    """Issue: a Latin-1 file gave a UnicodeDecodeError traceback."""
+    body = {".txt": "1+1=\ncafé\n", ".jsonl": '{"prompt": "1+1="}\n{"prompt": "café"}\n',
+            ".json": '[{"prompt": "1+1="},\n{"prompt": "café"}]'}[suffix]  # fmt: skip
+    path = tmp_path / f"prompts{suffix}"
+    path.write_bytes(body.encode("latin-1"))
+    offset = body.index("é")
+    with pytest.raises(UserError, match=rf"^{path}:2: not UTF-8 text \(byte offset {offset}: 0xe9\)"):
+        _prompts_of(path, tokenizer)
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))  # UTF-8 with a byte-order mark just works
+    assert [it["prompt"] for it in _prompts_of(path, tokenizer)] == ["1+1=", "café"]
+
+
+def test_a_malformed_line_gets_the_whole_json_error_with_its_column(tmp_path, tokenizer):
+    """Issue: the message was cut mid-phrase: 'malformed JSON (Invalid control character at)'."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "1+1="}\n{"prompt": "a\tb"}\n')
+    with pytest.raises(UserError) as error:
+        _prompts_of(path, tokenizer)
+    assert str(error.value) == f"{path}:2: malformed JSON: Invalid control character at column 14"
+    path = tmp_path / "prompts.json"
+    path.write_text('[{"prompt": "1+1="},\n {"prompt": 1+}]')
+    with pytest.raises(UserError) as error:
+        _prompts_of(path, tokenizer)
+    assert str(error.value) == f"{path}:2: malformed JSON: Expecting ',' delimiter at line 2 column 14"
+
+
+def test_a_lone_surrogate_is_rejected_naming_the_line(tmp_path, tokenizer):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "ok \\ud83d\\ude00"}\n{"prompt": "bad \\ud83d"}\n')  # a pair is an emoji
+    with pytest.raises(UserError, match=rf"^{path}:2: a lone surrogate \\ud83d at character 4"):
+        _prompts_of(path, tokenizer)
+
+
+TEXT_PARTS = [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_openai_text_parts_are_joined_and_anything_else_is_named(tmp_path, tokenizer, chat_template):
+    """Issue: content as a list of parts crashed inside the chat template; content null crashed without one."""
+    messages = [{"role": "user", "content": TEXT_PARTS}]
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": messages, "response": [
+        {"role": "assistant", "content": [{"type": "text", "text": "4"}]}]}] * 4)  # fmt: skip
+    items = _prompts_of(good, tokenizer, chat_template=chat_template)
+    expected = "Q: What is\n2+2?\nA: " if chat_template else "What is\n2+2?"
+    assert tokenizer.decode(items[0]["prompt_ids"]) == expected and items[0]["prompt"] == messages
+    assert items[0]["reference"] == "4"
+    data = DLLMDataModule(train_file=str(good), val_file=str(good), tokenizer=tokenizer, chat_template=chat_template)
+    data.setup("fit")
+    assert tokenizer.decode(data.train_set.items[0]["response_ids"]) == "4</s>"
+    for content, said in [(None, "null"), ([{"type": "image_url", "image_url": {"url": "x"}}], "a 'image_url' part"),
+                          (7, "a int"), ([], "an empty list")]:  # fmt: skip
+        bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "1"}, {"prompt": [{"role": "user", "content": content}]}])
+        with pytest.raises(UserError, match=rf"^{bad}:2: 'prompt' message 0: content must be a string or a list of "
+                                            rf"text parts .*got {said}$"):  # fmt: skip
+            _prompts_of(bad, tokenizer, chat_template=chat_template)
+
+
+def test_a_null_id_is_no_id(tmp_path, tokenizer):
+    """Issue: "id": null became the id 'None', and two of them a 'duplicate id' error."""
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": None, "prompt": "1"}, {"id": "x", "prompt": "2"},
+                                              {"id": None, "prompt": "3"}])  # fmt: skip
+    assert [it["id"] for it in _prompts_of(path, tokenizer)] == ["0", "x", "2"]
+    train = write_jsonl(tmp_path / "t.jsonl", [{"id": None, **r} for r in pairs(4)])
+    data = DLLMDataModule(train_file=str(train), val_file=str(train), tokenizer=tokenizer)
+    data.setup("fit")
+    assert sorted(it["id"] for it in data.train_set.items) == ["0", "1", "2", "3"]
+
+
+def test_parquet_binary_columns_are_decoded_or_named(tmp_path, tokenizer):
+    """Issue: bytes reached the model as the text of a Python repr ("b'caf\\xc3\\xa9'")."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": pa.array(["café".encode(), b"1+1="], pa.binary()), "n": [1, 2]}), path)
+    assert [it["prompt"] for it in _prompts_of(path, tokenizer)] == ["café", "1+1="]
+    pq.write_table(pa.table({"prompt": ["a", "b"], "blob": pa.array([b"ok", b"\xff\xfe"], pa.binary())}), path)
+    with pytest.raises(UserError, match=rf"^{path}: row 1: column 'blob' holds bytes that are not UTF-8 text"):
+        _prompts_of(path, tokenizer)
