@@ -132,9 +132,9 @@ class PredictionWriter(BasePredictionWriter):
             rank_zero_info(f"{self.path}: reusing {len(outcome['reuse'])} predictions of an earlier run")
             trainer.datamodule.exclude_ids(set(outcome["reuse"]))
         self._shard = self.path.with_name(f"{self.path.name}.rank{trainer.global_rank}")
-        if not trainer.datamodule.predict_set.items and trainer.is_global_zero:
-            # nothing left to predict: Lightning skips the loop and its end hook, so merge (a killed run's shards) now
-            self.merge(trainer.datamodule.all_prompt_ids())
+        # nothing left to predict: Lightning skips the loop and its end hook, so merge (a killed run's shards) at
+        # teardown, after Lightning's checkpoint messages, so "wrote N predictions" is the last line
+        self._merge_at_teardown = not trainer.datamodule.predict_set.items and trainer.is_global_zero
 
     def _prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         """On rank 0: take the lock, then find the earlier records this run may reuse."""
@@ -191,7 +191,12 @@ class PredictionWriter(BasePredictionWriter):
         self._release()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._release()
+        try:
+            if stage == "predict" and getattr(self, "_merge_at_teardown", False):  # not called after an exception
+                self._merge_at_teardown = False
+                self.merge(trainer.datamodule.all_prompt_ids())
+        finally:
+            self._release()
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -245,10 +250,12 @@ def full_state_dict(trainer: L.Trainer) -> dict[str, torch.Tensor]:
 
 
 class HFExport(L.Callback):
-    """Save the model and tokenizer in HF format when fitting ends.
+    """Save the model and tokenizer in HF format when fitting ends, if the fit trained at least one step.
 
-    Under FSDP the full state dict is gathered on every rank (each rank must
-    take part) and rank 0 writes it.
+    A fit that trained nothing (``trainer.max_steps 0``, a resume past the end) says so and leaves
+    the folder as it was, so an earlier export is never replaced by the untrained or same model.
+    Under FSDP the full state dict is gathered on every rank (each rank must take part) and rank 0
+    writes it.
 
     Args:
         dirpath: output folder, default ``<trainer.default_root_dir>/hf``;
@@ -257,11 +264,22 @@ class HFExport(L.Callback):
 
     def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
+        self._first_step: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._first_step = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._first_step = trainer.global_step  # after a resume restored it; not called when no step is due
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dirpath = self.dirpath or str(Path(trainer.default_root_dir) / "hf")
+        if self._first_step is None or trainer.global_step == self._first_step:  # the same on every rank
+            kept = f"{dirpath} is left as it was" if Path(dirpath).exists() else f"nothing written to {dirpath}"
+            rank_zero_info(f"no HF export: this fit trained no step (trainer.max_steps={trainer.max_steps}); {kept}")
+            return
         state_dict = full_state_dict(trainer)
         if trainer.is_global_zero:
-            dirpath = self.dirpath or str(Path(trainer.default_root_dir) / "hf")
             prefix = "model."
             model_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
             with _no_transformers_progress():  # a one-shard "Writing model shards" bar is noise
@@ -303,6 +321,7 @@ class LineProgress(ProgressBar):
         self._enabled = True
         self._start = time.monotonic()
         self._last_step = -1
+        self._validation_keys: set[str] = set()  # printed by the validation line, not again at every step
 
     def disable(self) -> None:
         self._enabled = False
@@ -338,11 +357,13 @@ class LineProgress(ProgressBar):
         if step != self._last_step and (step % every == 0 or step == trainer.max_steps):
             self._last_step = step
             total = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
-            self._line(f"step {step}{total} (epoch {trainer.current_epoch})", self.get_metrics(trainer, pl_module))
+            metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k not in self._validation_keys}
+            self._line(f"step {step}{total} (epoch {trainer.current_epoch})", metrics)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+            self._validation_keys |= set(metrics)
             self._line(f"validation at step {trainer.global_step}:", metrics)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -7,13 +7,17 @@ On top of Lightning's CLI it
 - derives every path of a run from ``--trainer.default_root_dir`` unless a path
   is set explicitly: checkpoints in ``<root>/checkpoints``, logs in ``<root>``,
   the HF export in ``<root>/hf``, predictions in ``<root>/predictions.jsonl``;
-- checks the checkpoint and the data arguments before any model loads;
+- checks the checkpoint and the data arguments before any model loads, and stops
+  a resume that has nothing left to train (``NothingToTrain``);
+- removes a log folder a run created but logged nothing into (a run that failed or
+  trained nothing leaves no empty ``lightning_logs/version_N``);
 - keeps runs quiet (Lightning's tips, a torch deprecation inside Lightning) and
   prints progress as plain lines when stderr is not a terminal.
 
 ``main()`` is the entry point: a user mistake (``UserError``, a bad flag) prints
-one ``error:`` line and exits with code 2; ``--debug`` (or ``DLLM_DEBUG=1``)
-keeps the traceback and jsonargparse's full message.
+one ``error:`` line and exits with code 2; a resume of a finished run prints one line
+and exits with code 0; ``--debug`` (or ``DLLM_DEBUG=1``) keeps the traceback and
+jsonargparse's full message.
 """
 
 from __future__ import annotations
@@ -21,16 +25,20 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import pickle
 import re
+import shutil
 import sys
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 from transformers.utils import logging as hf_logging
 
 from dllm.callbacks import LineProgress, PredictionWriter
@@ -44,6 +52,8 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 SPECIAL_CHECKPOINTS = ("last", "best", "hpc")
 # model options that say how to run the weights of a --ckpt_path: a value given on the command line wins
 RUNTIME_MODEL_KEYS = ("dtype", "attn_implementation")
+# what a log folder holds before anything is logged (LightningCLI's config, the logger's hyperparameters)
+UNLOGGED_FILES = {"config.yaml", "hparams.yaml"}
 
 # Lightning 2.6 still builds torch's deprecated LeafSpec on every batch: noise, not ours to fix.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
@@ -60,6 +70,14 @@ class _NoTips(logging.Filter):
 
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
     logging.getLogger(_name).addFilter(_NoTips())
+
+
+class NothingToTrain(Exception):
+    """``fit`` would resume from a checkpoint that already reached ``trainer.max_steps``.
+
+    Raised before any model loads; ``main`` prints the message as one line and exits with code 0
+    (the run is complete), without touching the checkpoint, the HF export or the logs.
+    """
 
 
 class DLLMCLI(LightningCLI):
@@ -84,6 +102,9 @@ class DLLMCLI(LightningCLI):
             if subcommand in ("fit", "validate", "predict"):
                 _check_generation(self.config[subcommand].model)
                 _check_data(self.config[subcommand].data, subcommand)
+            if subcommand == "fit":
+                derive_run_paths(self.config.fit.trainer)  # where ``last`` is
+                check_resume(self.config.fit)
 
     def _parse_ckpt_path(self) -> None:
         # Lightning puts the checkpoint's hyperparameters over the command line; how to run the weights
@@ -121,6 +142,14 @@ class DLLMCLI(LightningCLI):
             # a bar redraws one line with carriage returns: in a log file that is no progress at all
             kwargs["callbacks"] = [*callbacks, TQDMProgressBar() if sys.stderr.isatty() else LineProgress()]
         return super().instantiate_trainer(**kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        new_folders = [f for f in _log_folders(self.trainer) if not f.exists()]
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # also when the run failed: an empty version_N only hides the previous run's logs
+            for folder in new_folders:
+                remove_if_unlogged(folder)
 
 
 def _tokenizer_of(model: DLLMModule):
@@ -172,25 +201,115 @@ def derive_run_paths(trainer: Namespace) -> None:
             init_args.save_dir = str(root)
 
 
+def _log_folders(trainer) -> list[Path]:
+    """The local folders the trainer's loggers write to (on rank 0; the other ranks write none)."""
+    if not trainer.is_global_zero:
+        return []
+    folders = []
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)  # CSV and TensorBoard loggers; remote loggers have none
+        if isinstance(log_dir, str) and "://" not in log_dir:
+            folders.append(Path(log_dir))
+    return folders
+
+
+def remove_if_unlogged(folder: Path) -> None:
+    """Remove ``folder`` (and its parent if that is left empty) when it holds only ``UNLOGGED_FILES``."""
+    if not folder.is_dir() or not all(f.is_file() and f.name in UNLOGGED_FILES for f in folder.iterdir()):
+        return
+    shutil.rmtree(folder)
+    if not any(folder.parent.iterdir()):
+        folder.parent.rmdir()
+
+
 # ----------------------------------------------------------------------------
 # Early checks: before a model loads (minutes for a large one)
 
 
-def check_checkpoint(path: str | os.PathLike | None) -> None:
+def check_checkpoint(path: str | os.PathLike | None, shown: str | None = None) -> None:
     """``--ckpt_path`` exists and is a torch checkpoint (a zip with its directory intact), or raise ``UserError``.
 
     A truncated or empty file lacks the zip's closing directory, so this costs a few reads,
-    not a load. Folders (sharded FSDP / DeepSpeed checkpoints), URLs and Lightning's
-    ``last``/``best``/``hpc``/``registry`` names are left to Lightning.
+    not a load. A folder must be a sharded checkpoint (FSDP's ``meta.pt``, DeepSpeed's
+    ``latest`` or ``checkpoint/``). URLs and Lightning's ``last``/``best``/``hpc``/``registry``
+    names are left to Lightning (``check_resume`` resolves ``last`` for ``fit``).
+
+    Args:
+        path: the checkpoint.
+        shown: how the message names it (default ``--ckpt_path <path>``).
     """
     if path is None or str(path) in SPECIAL_CHECKPOINTS or "://" in str(path) or str(path).startswith("registry"):
         return
+    shown = shown or f"--ckpt_path {path}"
     file = Path(path)
     if not file.exists():
-        raise UserError(f"--ckpt_path {path}: no such file")
+        raise UserError(f"{shown}: no such file")
+    if file.is_dir() and not is_sharded_checkpoint(file):
+        inside = sorted(file.glob("last*.ckpt")) or sorted(file.glob("*.ckpt"))
+        hint = f"; the checkpoint in it is {inside[-1]}" if len(inside) == 1 else ""
+        hint = f"; it holds {len(inside)} checkpoints, e.g. {inside[-1]}" if len(inside) > 1 else hint
+        raise UserError(f"{shown}: a folder, not a checkpoint file{hint}")
     if file.is_file() and not zipfile.is_zipfile(file):
         size = file.stat().st_size
-        raise UserError(f"--ckpt_path {path}: not a readable checkpoint ({size} bytes: truncated, or not a torch file)")
+        raise UserError(f"{shown}: not a readable checkpoint ({size} bytes: truncated, or not a torch file)")
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    """A checkpoint saved as a folder: sharded FSDP (``meta.pt``) or DeepSpeed (``latest``, ``checkpoint/``)."""
+    return (folder / "meta.pt").is_file() or (folder / "latest").is_file() or (folder / "checkpoint").is_dir()
+
+
+def last_checkpoint(trainer: Namespace) -> Path | None:
+    """The file ``--ckpt_path last`` resumes: the newest ``last*.ckpt`` of the ``ModelCheckpoint`` folders.
+
+    The same choice as Lightning's, made from the config before any model loads (the folders
+    are filled in by ``derive_run_paths``). ``None`` when there is none: Lightning then warns
+    and trains from scratch.
+    """
+    found = []
+    for spec in _class_specs(trainer.get("callbacks")):
+        init_args = spec.get("init_args")
+        if init_args is None or not _is_subclass(spec.class_path, ModelCheckpoint) or not init_args.get("dirpath"):
+            continue
+        name = getattr(_import(spec.class_path), "CHECKPOINT_NAME_LAST", "last")
+        pattern = re.compile(rf"^{re.escape(name)}(-(\d+))?$")
+        folder = Path(init_args.dirpath)
+        if folder.is_dir():
+            found += [p for p in folder.iterdir() if p.suffix == ".ckpt" and pattern.match(p.stem)]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def check_resume(config: Namespace) -> None:
+    """``fit --ckpt_path``: the checkpoint is readable and has steps left to train, before any model loads.
+
+    Raises:
+        UserError: ``last`` resolves to a missing, truncated or unreadable file.
+        NothingToTrain: the checkpoint already reached ``trainer.max_steps``.
+    """
+    arg = config.get("ckpt_path")
+    if arg is None:
+        return
+    path, shown = Path(arg), f"--ckpt_path {arg}"
+    if str(arg) == "last":
+        path = last_checkpoint(config.trainer)
+        if path is None:
+            return
+        shown = f"--ckpt_path last ({path})"
+        check_checkpoint(path, shown)
+    elif str(arg) in SPECIAL_CHECKPOINTS or "://" in str(arg) or str(arg).startswith("registry"):
+        return
+    if not path.is_file():  # a sharded folder: its step is not read here
+        return
+    try:  # mmap: the tensors stay on disk, only the small pickled state is read
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise UserError(f"{shown}: not a readable checkpoint ({type(e).__name__})") from e
+    step, max_steps = checkpoint.get("global_step"), config.trainer.get("max_steps")
+    if isinstance(step, int) and isinstance(max_steps, int) and 0 <= max_steps <= step:
+        raise NothingToTrain(
+            f"{path} already reached trainer.max_steps={max_steps} (step {step}): nothing to train, nothing changed; "
+            f"to train further, raise it, e.g. --trainer.max_steps {max(2 * step, 1)} --ckpt_path {arg}"
+        )
 
 
 def _check_model_source(config: Namespace, subcommand: str) -> None:
@@ -266,6 +385,9 @@ def main(subcommand: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("parser_kwargs", {**no_exit, **{name: dict(no_exit) for name in SUBCOMMANDS}})
     try:
         DLLMCLI(args=args, **kwargs)
+    except NothingToTrain as e:
+        if rank_zero_only.rank == 0:  # under torchrun every rank got here
+            print(str(e), file=sys.stderr)
     except (UserError, ArgumentError, ValueError) as e:
         mistake = e if isinstance(e, ArgumentError) else _user_error(e)
         if debug or mistake is None:

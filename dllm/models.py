@@ -21,10 +21,12 @@ import argparse
 import hashlib
 import importlib.metadata
 import importlib.util
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -113,11 +115,34 @@ def sha256_of(path: Path) -> str:
 
 def load_gguf(path: Path):
     """Model (float32, dequantized) and tokenizer from a GGUF file."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # the GGUF loader's "de-quantizing" bar ignores transformers' progress-bar switch: route it through the switch
+    with mock.patch.object(gguf_utils, "tqdm", hf_logging.tqdm):
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     return model.eval(), tokenizer
+
+
+def readable_like_the_rest(folder: str | Path) -> None:
+    """Give the ``*.safetensors`` files in ``folder`` the mode of its ``config.json`` (0644 under umask 022).
+
+    safetensors writes through a private temporary file (mode 0600) that it renames, so an
+    exported model would be unreadable to the group and others while its config and tokenizer,
+    written with a plain ``open()``, follow the umask.
+    """
+    folder = Path(folder)
+    config = folder / "config.json"
+    if config.is_file():
+        mode = config.stat().st_mode & 0o777
+    else:
+        umask = os.umask(0o022)  # reading the umask means setting it; put it back at once
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    for file in folder.glob("*.safetensors"):
+        file.chmod(mode)
 
 
 def plain_copy(model):
@@ -175,6 +200,7 @@ def convert(name: str, out: str | Path, verify: bool = True, log=print) -> Path:
     plain = plain_copy(model)
     out.mkdir(parents=True, exist_ok=True)
     plain.save_pretrained(out)
+    readable_like_the_rest(out)
     tokenizer.save_pretrained(out)
     log(f"wrote {out} ({sum(p.numel() for p in plain.parameters()) / 1e6:.1f}M parameters, float32)")
     if verify:
@@ -205,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="convert again even if --out already holds a model")
     parser.add_argument("--no-verify", action="store_true", help="skip the logits check against the GGUF load")
     args = parser.parse_args(argv)
+    if not sys.stderr.isatty():  # progress bars redraw with carriage returns: noise in a log file
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if (Path(args.out) / "config.json").is_file() and not args.force:
         print(f"{args.out} already holds a model; --force converts again")
         return 0

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dllm.errors import UserError
 from dllm.generation import iterative_generate
+from dllm.models import readable_like_the_rest
 from dllm.objective import iterative_refine_loss
 from dllm.strategies import forwards_are_collective
 from dllm.tasks import TASKS, check_answer
@@ -369,6 +370,7 @@ class DLLMModule(L.LightningModule):
     def save_hf(self, path: str, state_dict: dict | None = None) -> None:
         """Write the model and tokenizer in HF format (``from_pretrained`` loads them back)."""
         self.model.save_pretrained(path, state_dict=state_dict)
+        readable_like_the_rest(path)
         self.tokenizer.save_pretrained(path)
 
 

@@ -6,6 +6,8 @@ say what to install. The model is converted once per session into a temporary fo
 """
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,8 +18,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dllm import iterative_generate
 from dllm.cli import DLLMCLI
 from dllm.data import DLLMDataModule
-from dllm.models import convert, missing_requirements
 from dllm.models import main as models_main
+from dllm.models import missing_requirements
 from dllm.module import DLLMModule, stop_token_ids
 from dllm.prompts import make_prompts
 
@@ -91,11 +93,21 @@ needs_smollm2 = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="session")
-def smollm2(tmp_path_factory) -> Path:
-    """SmolLM2-135M-Instruct converted once per session (the conversion checks its own logits)."""
+def smollm2_command(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """SmolLM2-135M-Instruct converted once per session by ``python -m dllm.models``, its output redirected
+    as in a log file (the conversion checks its own logits)."""
     if missing_requirements() is not None:
         pytest.skip(f"the smollm2 extra is missing: {missing_requirements()}")
-    return convert("smollm2", tmp_path_factory.mktemp("smollm2") / "hf", log=lambda line: None)
+    out = tmp_path_factory.mktemp("smollm2") / "hf"
+    command = [sys.executable, "-m", "dllm.models", "smollm2", "--out", str(out)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_command) -> Path:
+    return smollm2_command[0]
 
 
 def test_models_command_says_what_to_install_when_the_extra_is_missing(monkeypatch, capsys, tmp_path):
@@ -103,6 +115,17 @@ def test_models_command_says_what_to_install_when_the_extra_is_missing(monkeypat
     assert models_main(["smollm2", "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip" in err
+
+
+@needs_smollm2
+def test_the_models_command_prints_plain_lines_and_writes_readable_files(smollm2_command):
+    """In a log file: lines, no progress bars redrawn with carriage returns; the weights get the umask's mode
+    like the config (safetensors alone writes them 0600)."""
+    out, result = smollm2_command
+    assert "verified" in result.stdout
+    assert "\r" not in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
 
 
 @needs_smollm2
