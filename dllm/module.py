@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dllm.errors import UserError
 from dllm.generation import iterative_generate
+from dllm.lora import LoraSettings, add_lora
 from dllm.objective import iterative_refine_loss
 from dllm.strategies import forwards_are_collective
 from dllm.tasks import TASKS, check_answer
@@ -124,6 +125,8 @@ class DLLMModule(L.LightningModule):
         trust_remote_code: allow model/tokenizer code from the checkpoint.
         attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, ...; ``None`` = HF default.
         gradient_checkpointing: recompute activations in backward to save memory.
+        lora: train LoRA adapters (PEFT, ``pip install 'dllm[lora]'``) instead of every weight; the HF export
+            merges them into an ordinary checkpoint. ``None`` = full fine-tune.
         num_rounds: refine rounds in the objective.
         loss_weights: one weight per round; ``None`` = all 1.0.
         noise_min: lowest per-row share of response tokens replaced by EOS.
@@ -159,6 +162,7 @@ class DLLMModule(L.LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
+        lora: LoraSettings | None = None,
         num_rounds: int = 2,
         loss_weights: list[float] | None = None,
         noise_min: float = 0.1,
@@ -179,7 +183,12 @@ class DLLMModule(L.LightningModule):
         val_max_new_tokens: int = 256,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["generation"])
+        self.save_hyperparameters(ignore=["generation", "lora"])
+        if isinstance(lora, dict):  # from a checkpoint's hyperparameters
+            lora = LoraSettings(**lora)
+        self.lora = lora
+        # a plain dict: checkpoints load with torch's weights_only, which refuses pickled classes
+        self.hparams["lora"] = asdict(lora) if lora is not None else None
         self.generation = generation or GenerationSettings()
         if pretrained is None and model_config is None:
             raise UserError("set model.pretrained (an HF name or path) or model.model_config (a config dict)")
@@ -191,6 +200,8 @@ class DLLMModule(L.LightningModule):
         # checkpointing inactive (HF only checkpoints in train mode). Validation and predict still run in
         # eval mode: Lightning switches to it there and restores train mode afterwards.
         self.model = self._build_model().train()
+        if lora is not None:
+            self.model = add_lora(self.model, lora)
         if gradient_checkpointing:  # transformers 5 renamed it; the old name warns
             enable = getattr(self.model, "activation_checkpointing_enable", None)
             (enable or self.model.gradient_checkpointing_enable)()
