@@ -434,15 +434,19 @@ def table(results: dict[str, list[dict]]) -> str:
 
 
 def stage2_seconds(timing: dict[str, dict], name: str, step: int, setup: Setup) -> float | None:
-    """Training seconds (validation excluded) after ``step`` stage-2 steps: steps cost the same throughout."""
-    seconds = timing.get(name, {}).get("train_s")
+    """Training CPU seconds (one thread, validation excluded) after ``step`` stage-2 steps.
+
+    CPU seconds, not wall clock: on a shared machine they compare objectives whatever else ran beside each.
+    Steps cost the same throughout, so the time of step ``k`` is ``k / steps`` of the whole.
+    """
+    seconds = timing.get(name, {}).get("train_cpu_s", timing.get(name, {}).get("train_s"))
     return None if seconds is None else seconds * step / setup.stage2_steps
 
 
 def curve_table(curves: dict[str, list], timing: dict[str, dict], setup: Setup) -> str:
     """Stage 2's validation points against steps and training seconds: compare objectives at equal wall clock."""
     lines = [
-        f"| model | step | training s | validation accuracy (AR) | validation jacobi TPF (N={setup.stage2_n}) |",
+        f"| model | step | training CPU s | validation accuracy (AR) | validation jacobi TPF (N={setup.stage2_n}) |",
         "|---|---:|---:|---:|---:|",
     ]
     for name, points in curves.items():
@@ -491,7 +495,7 @@ def plots(
     acc.set_ylabel("validation accuracy (greedy AR)")
     tpf.set_ylabel(f"validation jacobi tokens per forward (N={setup.stage2_n})")
     for ax in (acc, tpf):
-        ax.set_xlabel("stage-2 training seconds, validation excluded (0: the SFT model)")
+        ax.set_xlabel("stage-2 training CPU seconds, one thread (0: the SFT model)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("refine fine-tuning of the SFT model")
