@@ -15,9 +15,9 @@ split ``test``), plus a few hand-written general chat prompts:
   ``--train-config``, by default ``configs/smollm2-135m.yaml``, in a child process).
 
 Greedy references come from HF ``generate`` in float32; quality runs are batched (left-padded), speed runs
-are batch 1. The base model's results are cached in ``--out-dir`` (same settings: reused), so distilled
-models can be measured one at a time. Outputs: ``real.md``, ``real.json`` and ``real.png``. Timings go under
-the shared lock so they do not overlap::
+are batch 1. Each model's results are cached in ``--out-dir``/cache (same settings: reused), so models can
+be measured one at a time, or in parallel processes, and reported together. Outputs: ``real.md``,
+``real.json`` and ``real.png``. Timings go under the shared lock so they do not overlap::
 
     flock /work/bench.lock python bench/real.py --threads 1 --base models/smollm2-135m \\
         --distilled runs/smollm2-135m/hf --train-file data/distill-answers.jsonl
@@ -158,7 +158,7 @@ def evaluate(name: str, path: str, args, prompts: list[str], checks: list[dict])
         if method != "hf":
             res[key]["vs_greedy"] = agreement(out["outputs"], res["hf"]["outputs"])
     check_ids = encode(tokenizer, [c["prompt"] for c in checks])
-    out = generate(model, tokenizer, check_ids, "hf", 0, 0, args.batch, args.check_max_new_tokens)
+    out = generate(model, tokenizer, check_ids, "hf", 0, 0, args.check_batch, args.check_max_new_tokens)
     answers = [tokenizer.decode(o, skip_special_tokens=True) for o in out["outputs"]]
     right = [is_answer(a, c["answers"]) for a, c in zip(answers, checks)]
     families = sorted({c["family"] for c in checks})
@@ -302,18 +302,22 @@ def plot(results: dict, out: Path) -> None:
     fig.savefig(out, dpi=110)
 
 
-def base_results(args, prompts: list[str], checks: list[dict], out_dir: Path) -> dict:
-    """The base model's results, reused from ``out_dir/base.json`` when measured with the same settings."""
-    keys = ("base", "num", "seed", "max_new_tokens", "batch", "speed_prompts", "jacobi_n", "adaptive", "refine",
-            "check_num", "check_max_new_tokens", "threads")  # fmt: skip
-    settings = json.loads(json.dumps({k: getattr(args, k) for k in keys}))
-    cache = out_dir / "base.json"
+def cached_evaluate(label: str, path: str, args, prompts: list[str], checks: list[dict], out_dir: Path) -> dict:
+    """``evaluate``, reused from ``out_dir/cache/<label>.json`` when measured with the same settings.
+
+    So models can be measured one at a time (or in parallel processes) and reported together.
+    """
+    keys = ("num", "seed", "max_new_tokens", "batch", "speed_prompts", "jacobi_n", "adaptive", "refine",
+            "check_num", "check_max_new_tokens", "check_batch", "threads")  # fmt: skip
+    settings = json.loads(json.dumps({"path": path, **{k: getattr(args, k) for k in keys}}))
+    cache = out_dir / "cache" / f"{label}.json"
     if cache.exists():
         cached = json.loads(cache.read_text())
         if cached["settings"] == settings:
-            print(f"base model: results reused from {cache}", file=sys.stderr)
+            print(f"{label}: results reused from {cache}", file=sys.stderr)
             return cached["results"]
-    res = evaluate("base", args.base, args, prompts, checks)
+    res = evaluate(label, path, args, prompts, checks)
+    cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"settings": settings, "results": res}))
     return res
 
@@ -330,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--check-num", type=int, default=120, help="held-out checkable questions")
     parser.add_argument("--check-max-new-tokens", type=int, default=64, help="answer budget of a checkable question")
-    parser.add_argument("--batch", type=int, default=8, help="batch size of the quality runs")
+    parser.add_argument("--batch", type=int, default=16, help="batch size of the quality runs")
+    parser.add_argument("--check-batch", type=int, default=50, help="batch size of the checkable questions")
     parser.add_argument("--speed-prompts", type=int, default=4, help="prompts timed at batch 1 (0 = skip)")
     parser.add_argument("--jacobi-n", type=int, nargs="+", default=[3, 7, 15])
     parser.add_argument("--adaptive", type=int, default=1, help="1 = also jacobi with the adaptive draft")
@@ -356,9 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"settings": {k: v for k, v in vars(args).items() if not k.startswith(("_", "probe"))}}
     if args.train_steps > 0:
         results["training"] = measure_training(args, out_dir)
-    results["base"] = base_results(args, prompts, checks, out_dir)
+    results["base"] = cached_evaluate("base", args.base, args, prompts, checks, out_dir)
     results["distilled"] = {
-        label: evaluate(label, path, args, prompts, checks) for label, path in zip(labels, args.distilled)
+        label: cached_evaluate(label, path, args, prompts, checks, out_dir)
+        for label, path in zip(labels, args.distilled)
     }
     from transformers import AutoModelForCausalLM
 
