@@ -77,11 +77,17 @@ OBJECTIVES: dict[str, dict] = {
 # the same compute. The measurements behind each choice are in docs/quality.md.
 STAGE2 = {"batch_size": 8, "lr": 1e-3, "warmup_steps": 20}
 RECIPE = {"noise_schedule": "prefix", "noise_min": 0.5, "noise_max": 1.0, "loss_window": 16, "loss_weights": [2.0, 1.0]}
+# ``sft-packed``: a noisy copy of every 15-token block (N = 15, the N the curve decodes with) beside the clean
+# answer, each block EOS with probability t ~ U[0.5, 1]; one round; the clean stream's next-token term from the
+# same forward (weight 1). A step is one forward of a row about twice as long as the recipe's two.
+PACKED = {"noise_schedule": "packed", "noise_block_size": 15, "noise_min": 0.5, "noise_max": 1.0, "num_rounds": 1,
+          "ar_loss_weight": 1.0}  # fmt: skip
 FINETUNES: dict[str, dict] = {
     "sft-refine": {**STAGE2},
     "sft-refine+ar": {**STAGE2, "ar_loss_weight": 1.0},
     "sft-refine+block": {**STAGE2, "noise_schedule": "block"},
     "sft-recipe": {**STAGE2, **RECIPE},
+    "sft-packed": {**STAGE2, **PACKED},
 }
 
 MODEL = {  # ~0.18M parameters, Llama-shaped, byte vocabulary
@@ -138,13 +144,14 @@ class ValidationTimer(L.Callback):
     """Seconds spent in validation, to report training time without it."""
 
     def __init__(self):
-        self.seconds, self._start = 0.0, 0.0
+        self.seconds, self.cpu_seconds, self._start, self._cpu_start = 0.0, 0.0, 0.0, 0.0
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self._start = time.perf_counter()
+        self._start, self._cpu_start = time.perf_counter(), time.process_time()
 
     def on_validation_end(self, trainer, pl_module) -> None:
         self.seconds += time.perf_counter() - self._start
+        self.cpu_seconds += time.process_time() - self._cpu_start
 
 
 def module_settings(setup: Setup, name: str, out: Path) -> dict:
@@ -196,15 +203,17 @@ def train(setup: Setup, name: str, out: Path) -> DLLMModule:
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=25,
         enable_progress_bar=sys.stderr.isatty(),
     )  # fmt: skip
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     trainer.save_checkpoint(ckpt)
     if name == "sft":
         module.save_hf(str(folder / "hf"))
     meta.write_text(json.dumps(wanted, indent=1))
+    # CPU seconds too: on a shared machine they say what a step costs whatever else runs (one thread per job)
     timing = {"train_s": round(seconds - timer.seconds, 1), "validation_s": round(timer.seconds, 1),
-              "threads": torch.get_num_threads(), "load_at_end": os.getloadavg()[0]}  # fmt: skip
+              "train_cpu_s": round(cpu_seconds - timer.cpu_seconds, 1), "threads": torch.get_num_threads(),
+              "load_at_end": os.getloadavg()[0]}  # fmt: skip
     (folder / "timing.json").write_text(json.dumps(timing))
     if start_point is not None:
         (folder / "step0.json").write_text(json.dumps(start_point))
@@ -424,7 +433,35 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(results: dict[str, list[dict]], curves: dict[str, list], out: Path, setup: Setup) -> None:
+def stage2_seconds(timing: dict[str, dict], name: str, step: int, setup: Setup) -> float | None:
+    """Training CPU seconds (one thread, validation excluded) after ``step`` stage-2 steps.
+
+    CPU seconds, not wall clock: on a shared machine they compare objectives whatever else ran beside each.
+    Steps cost the same throughout, so the time of step ``k`` is ``k / steps`` of the whole.
+    """
+    seconds = timing.get(name, {}).get("train_cpu_s", timing.get(name, {}).get("train_s"))
+    return None if seconds is None else seconds * step / setup.stage2_steps
+
+
+def curve_table(curves: dict[str, list], timing: dict[str, dict], setup: Setup) -> str:
+    """Stage 2's validation points against steps and training seconds: compare objectives at equal wall clock."""
+    lines = [
+        f"| model | step | training CPU s | validation accuracy (AR) | validation jacobi TPF (N={setup.stage2_n}) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, points in curves.items():
+        if name not in FINETUNES:
+            continue
+        for step, accuracy, tpf in points:
+            seconds = stage2_seconds(timing, name, step, setup)
+            shown = "-" if seconds is None else f"{seconds:.0f}"
+            lines.append(f"| {name} | {step} | {shown} | {accuracy:.1%} | {tpf:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(
+    results: dict[str, list[dict]], curves: dict[str, list], timing: dict[str, dict], out: Path, setup: Setup
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -450,14 +487,15 @@ def plots(results: dict[str, list[dict]], curves: dict[str, list], out: Path, se
     fig, (acc, tpf) = plt.subplots(1, 2, figsize=(10, 4))
     for k, name in enumerate(results):
         points = curves.get(name) or []
-        if name in FINETUNES and points:
+        if name in FINETUNES and points and stage2_seconds(timing, name, 0, setup) is not None:
             steps, em, speed = zip(*points)
-            acc.plot(steps, em, "-o", color=f"C{k}", label=name)
-            tpf.plot(steps, speed, "-o", color=f"C{k}", label=name)
+            seconds = [stage2_seconds(timing, name, step, setup) for step in steps]
+            acc.plot(seconds, em, "-o", color=f"C{k}", label=name)
+            tpf.plot(seconds, speed, "-o", color=f"C{k}", label=name)
     acc.set_ylabel("validation accuracy (greedy AR)")
     tpf.set_ylabel(f"validation jacobi tokens per forward (N={setup.stage2_n})")
     for ax in (acc, tpf):
-        ax.set_xlabel("stage-2 step (0: the SFT model)")
+        ax.set_xlabel("stage-2 training CPU seconds, one thread (0: the SFT model)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("refine fine-tuning of the SFT model")
@@ -541,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     report = (
         header + "## Refine fine-tuning of the SFT model\n\n" + summary(stage2, timing, batch1, setup)
         + "\n## From scratch\n\n" + summary(scratch, timing, batch1, setup)
+        + "\n## Stage-2 learning curves\n\n" + curve_table(curves, timing, setup)
         + "\n## Every model and method\n\n" + table(results) + f"\nTraining wall time: {times}.\n"
     )  # fmt: skip
     (out / "quality.md").write_text(report)
@@ -552,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     everything = {"setup": setup_json, "results": rows, "batch1": batch1, "curves": curves, "timing": timing,
                   "wall_s": wall}  # fmt: skip
     (out / "quality.json").write_text(json.dumps(everything, indent=1))
-    plots(results, curves, out, setup)
+    plots(results, curves, timing, out, setup)
     print(report)
     print(f"wrote {out / 'quality.md'}, {out / 'quality.json'} and the plots in {out}")
     return 0

@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dllm import predictions
 from dllm.errors import UserError
+from dllm.lora import merge_lora
 from dllm.records import dumps_line
 from dllm.strategies import forwards_are_collective
 from dllm.tokenizer import tokenizer_fingerprint
@@ -282,6 +283,8 @@ class HFExport(L.Callback):
         if trainer.is_global_zero:
             prefix = "model."
             model_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            if getattr(pl_module, "lora", None) is not None:  # an ordinary checkpoint: adapters merged
+                model_state = merge_lora(model_state, pl_module.lora)
             with _no_transformers_progress():  # a one-shard "Writing model shards" bar is noise
                 pl_module.save_hf(dirpath, state_dict=model_state)
             rank_zero_info(f"exported HF model and tokenizer to {dirpath}")

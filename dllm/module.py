@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dllm.errors import UserError
 from dllm.generation import iterative_generate
+from dllm.lora import LoraSettings, add_lora
 from dllm.models import readable_like_the_rest
 from dllm.objective import iterative_refine_loss
 from dllm.strategies import forwards_are_collective
@@ -97,10 +98,17 @@ def check_objective(hp) -> None:
         ),
         "noise_min": (0 <= hp.noise_min <= hp.noise_max, f"in [0, noise_max={hp.noise_max}]"),
         "noise_max": (hp.noise_max <= 1, "<= 1"),
-        "noise_schedule": (hp.noise_schedule in ("iid", "block", "prefix"), "'iid', 'block' or 'prefix'"),
+        "noise_schedule": (
+            hp.noise_schedule in ("iid", "block", "prefix", "packed"),
+            "'iid', 'block', 'prefix' or 'packed'",
+        ),
+        "consistency": (hp.get("consistency", "hard") in ("hard", "soft"), "'hard' or 'soft'"),
         "noise_block_size": (hp.noise_block_size >= 1, ">= 1"),
         "ar_loss_weight": (hp.ar_loss_weight >= 0, ">= 0"),
-        "loss_window": (hp.loss_window is None or hp.loss_window >= 1, ">= 1 or null"),
+        "loss_window": (
+            hp.loss_window is None or (hp.loss_window >= 1 and hp.noise_schedule != "packed"),
+            ">= 1 or null (null with noise_schedule 'packed')",
+        ),
     }
     for name, (ok, expected) in checks.items():
         if not ok:
@@ -125,15 +133,22 @@ class DLLMModule(L.LightningModule):
         trust_remote_code: allow model/tokenizer code from the checkpoint.
         attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2``, ...; ``None`` = HF default.
         gradient_checkpointing: recompute activations in backward to save memory.
+        lora: train LoRA adapters (PEFT, ``pip install 'dllm[lora]'``) instead of every weight; the HF export
+            merges them into an ordinary checkpoint. ``None`` = full fine-tune.
         num_rounds: refine rounds in the objective.
         loss_weights: one weight per round; ``None`` = all 1.0.
         noise_min: lowest per-row share of response tokens replaced by EOS.
         noise_max: highest per-row share of response tokens replaced by EOS.
         noise_schedule: ``"iid"`` (the original method's), ``"block"`` (clean prefix + a run of EOS) or
             ``"prefix"`` (clean prefix up to a random cut, then iid noise: with ``loss_window``, the fine-tuning
-            recipe of docs/quality.md).
-        noise_block_size: EOS run length for ``noise_schedule="block"``.
-        ar_loss_weight: weight of an extra clean-input next-token loss (0 = off).
+            recipe of docs/quality.md) or ``"packed"`` (every block of every response, each as a noisy copy
+            beside the clean response, in one forward per round; docs/method.md, section 8).
+        noise_block_size: EOS run length for ``noise_schedule="block"``; for ``"packed"``, N, the draft tokens
+            per block: set it to the ``generation.add_eos_length`` the model will generate with.
+        consistency: ``"packed"`` only: ``"hard"`` (a noisy token against the clean token) or ``"soft"`` (against
+            the clean stream's detached distribution for the same target).
+        ar_loss_weight: weight of an extra clean-input next-token loss (0 = off; ``"packed"`` takes it from the
+            rounds' forward).
         loss_chunk_size: project the LM head this many positions at a time (large vocabularies).
         loss_window: score the rounds on the clean prefix and this many targets from the first noised token
             (set it to the inference block, N + 1); ``None`` scores the whole response.
@@ -160,12 +175,14 @@ class DLLMModule(L.LightningModule):
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         gradient_checkpointing: bool = False,
+        lora: LoraSettings | None = None,
         num_rounds: int = 2,
         loss_weights: list[float] | None = None,
         noise_min: float = 0.1,
         noise_max: float = 0.9,
-        noise_schedule: Literal["iid", "block", "prefix"] = "iid",
+        noise_schedule: Literal["iid", "block", "prefix", "packed"] = "iid",
         noise_block_size: int = 8,
+        consistency: Literal["hard", "soft"] = "hard",
         ar_loss_weight: float = 0.0,
         loss_chunk_size: int | None = None,
         loss_window: int | None = None,
@@ -180,7 +197,12 @@ class DLLMModule(L.LightningModule):
         val_max_new_tokens: int = 256,
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["generation"])
+        self.save_hyperparameters(ignore=["generation", "lora"])
+        if isinstance(lora, dict):  # from a checkpoint's hyperparameters
+            lora = LoraSettings(**lora)
+        self.lora = lora
+        # a plain dict: checkpoints load with torch's weights_only, which refuses pickled classes
+        self.hparams["lora"] = asdict(lora) if lora is not None else None
         self.generation = generation or GenerationSettings()
         if pretrained is None and model_config is None:
             raise UserError("set model.pretrained (an HF name or path) or model.model_config (a config dict)")
@@ -192,6 +214,8 @@ class DLLMModule(L.LightningModule):
         # checkpointing inactive (HF only checkpoints in train mode). Validation and predict still run in
         # eval mode: Lightning switches to it there and restores train mode afterwards.
         self.model = self._build_model().train()
+        if lora is not None:
+            self.model = add_lora(self.model, lora)
         if gradient_checkpointing:  # transformers 5 renamed it; the old name warns
             enable = getattr(self.model, "activation_checkpointing_enable", None)
             (enable or self.model.gradient_checkpointing_enable)()
@@ -242,6 +266,7 @@ class DLLMModule(L.LightningModule):
             ar_loss_weight=hp.ar_loss_weight,
             loss_chunk_size=hp.loss_chunk_size,
             loss_window=hp.get("loss_window"),  # absent from checkpoints written before it existed
+            consistency=hp.get("consistency", "hard"),
         )
 
     def _generator(self, seed: int) -> torch.Generator:

@@ -17,9 +17,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-NoiseSchedule = Literal["iid", "block", "prefix"]
+from dllm.lm_head import at_least_fp32, chunked_loss_and_argmax, decoder_hidden_states
+from dllm.packed import Consistency, pack_blocks, packed_refine_loss
+
+NoiseSchedule = Literal["iid", "block", "prefix", "packed"]
 
 
 @dataclass
@@ -107,38 +109,6 @@ def windowed_targets(response: torch.Tensor, noise: torch.Tensor, window: int) -
     return target_index < first + window
 
 
-def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in fp32 (or fp64 for fp64 models), never in bf16."""
-    return logits.to(torch.promote_types(logits.dtype, torch.float32))
-
-
-def _lm_head_loss_and_argmax(
-    hidden: torch.Tensor, lm_head: torch.nn.Module, targets: torch.Tensor, chunk_size: int, softcap: float | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy (summed) and argmax of ``lm_head(hidden)``, ``chunk_size`` rows at a time.
-
-    Each chunk's logits are recomputed in backward (activation checkpointing),
-    so at most ``chunk_size x V`` fp32 logits exist at once.
-    """
-
-    def chunk_loss(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = _at_least_fp32(lm_head(h))
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, y, reduction="sum"), logits.detach().argmax(-1)
-
-    total, argmax = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32)), []
-    for start in range(0, hidden.size(0), chunk_size):
-        h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled():
-            loss, pred = checkpoint(chunk_loss, h, y, use_reentrant=False)
-        else:
-            loss, pred = chunk_loss(h, y)
-        total = total + loss
-        argmax.append(pred)
-    return total, torch.cat(argmax) if argmax else targets.clone()
-
-
 def response_loss_and_argmax(
     model,
     input_ids: torch.Tensor,
@@ -151,22 +121,20 @@ def response_loss_and_argmax(
 
     ``chunk_size=None`` calls the model as is and keeps its ``[B, T, V]``
     logits. An int runs the decoder for hidden states and projects only the
-    response positions, ``chunk_size`` at a time (large vocabularies). The
-    chunked path calls the decoder and ``lm_head`` separately: fine under DDP
-    and DeepSpeed, not under FSDP1, whose root unit owns ``lm_head``.
+    response positions, ``chunk_size`` at a time (large vocabularies), through
+    the model's own head path (:func:`dllm.lm_head.head_logits`). The chunked
+    path calls the decoder and the head separately: fine under DDP and
+    DeepSpeed, not under FSDP1, whose root unit owns ``lm_head``.
     """
     position_ids = position_ids_from_mask(attention_mask)
     count = max(targets.numel(), 1)
     if chunk_size is None:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
-        selected = _at_least_fp32(logits[where])
+        selected = at_least_fp32(logits[where])
         loss = F.cross_entropy(selected, targets, reduction="sum") / count
         return loss, selected.detach().argmax(-1)
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    ).last_hidden_state
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    total, argmax = _lm_head_loss_and_argmax(hidden[where], model.get_output_embeddings(), targets, chunk_size, softcap)
+    hidden = decoder_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    total, argmax = chunked_loss_and_argmax(model, hidden[where], targets, chunk_size)
     return total / count, argmax
 
 
@@ -187,6 +155,7 @@ def iterative_refine_loss(
     ar_loss_weight: float = 0.0,
     loss_chunk_size: int | None = None,
     loss_window: int | None = None,
+    consistency: Consistency = "hard",
 ) -> RefineLossOutput:
     """The iterative-refine loss (docs/method.md, section 8).
 
@@ -201,11 +170,15 @@ def iterative_refine_loss(
         noise_min: lower bound of the per-row noise ratio ``t``.
         noise_max: upper bound of the per-row noise ratio ``t``.
         generator: ``torch.Generator`` (on the ids' device) for the noise.
-        noise_schedule: ``"iid"`` (the original method's) or ``"block"`` (clean prefix, then
-            a run of ``block_size`` EOS), see :func:`eos_noise_mask`.
-        block_size: EOS run length for ``noise_schedule="block"``.
+        noise_schedule: ``"iid"`` (the original method's), ``"block"`` (clean prefix, then
+            a run of ``block_size`` EOS) or ``"prefix"``, see :func:`eos_noise_mask`; or ``"packed"``:
+            every block of every response in one forward (:mod:`dllm.packed`), each block's tokens EOS
+            with probability ``t ~ U[noise_min, noise_max]``.
+        block_size: EOS run length for ``noise_schedule="block"``; ``N``, the draft tokens per block
+            (the inference ``add_eos_length``), for ``"packed"``.
         ar_loss_weight: weight of an extra clean-input next-token loss (against
-            collapse, as in CLLM); 0 skips that forward.
+            collapse, as in CLLM); 0 skips that forward. ``"packed"`` computes it in the
+            rounds' forward (no extra forward) and always reports it.
         loss_chunk_size: project the LM head this many positions at a time
             (saves memory with large vocabularies); ``None`` = all at once.
         loss_window: score the rounds only on each row's targets before its first
@@ -213,7 +186,10 @@ def iterative_refine_loss(
             token on; later targets, whose context holds more noise than a block
             of ``loss_window`` tokens, are skipped. Set it to the inference block
             (N + 1) with ``noise_schedule="prefix"``. ``None`` scores every
-            response target. The ``ar_loss_weight`` term always scores all.
+            response target. The ``ar_loss_weight`` term always scores all. Not with ``"packed"``.
+        consistency: ``"packed"`` only: ``"hard"`` scores a noisy token against the clean token,
+            ``"soft"`` against the clean stream's detached distribution for the same target
+            (``KL(clean || noisy)``).
     """
     if num_rounds < 1:
         raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
@@ -225,6 +201,21 @@ def iterative_refine_loss(
 
     if loss_window is not None and loss_window < 1:
         raise ValueError(f"loss_window must be >= 1 or None, got {loss_window}")
+    if noise_schedule not in ("iid", "block", "prefix", "packed"):
+        raise ValueError(f"noise_schedule must be 'iid', 'block', 'prefix' or 'packed', got {noise_schedule!r}")
+    if noise_schedule == "packed":
+        if loss_window is not None:
+            raise ValueError(f"loss_window must be None with noise_schedule='packed', got {loss_window}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        packed = pack_blocks(input_ids, attention_mask, response_mask, block_size=block_size,
+                             eos_token_id=eos_token_id, noise_min=noise_min, noise_max=noise_max,
+                             generator=generator)  # fmt: skip
+        total, round_losses, ar_loss = packed_refine_loss(
+            model, packed, loss_weights=weights, consistency=consistency, loss_chunk_size=loss_chunk_size
+        )
+        return RefineLossOutput(loss=total + ar_loss_weight * ar_loss, round_losses=round_losses,
+                                noise_ratio=packed.noise_ratio.detach(), ar_loss=ar_loss.detach())  # fmt: skip
 
     response = response_mask.bool() & attention_mask.bool()
     all_where, all_targets = response_targets(input_ids, response)

@@ -15,13 +15,20 @@ The recipe (README, docs/real.md): prompts, the base model's answers, fine-tune 
 
     python -m dllm.prompts --split train --num 400 --out data/distill-prompts.jsonl
     python -m dllm.prompts --split test --num 64 --out data/heldout-prompts.jsonl
+
+Checkable questions (``checkable_prompts``, ``--checkable``): the capital or language of a country, a sum,
+the days in some weeks, the hours in some days, each with its known answers, so a model's answers can be
+scored (``is_answer``: an answer contained in the response, case, accents and thousands separators aside), as
+CLLM and Jacobi Forcing score accuracy. They share the split rule: the ``test`` ones are never trained on.
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 import sys
+import unicodedata
 
 from dllm.records import write_jsonl
 from dllm.tasks import SPLIT_BUCKETS, TASKS, split_of
@@ -111,6 +118,61 @@ TASK_INSTRUCTIONS = {
     "given number of steps and end with a line 'answer: <letter>'.",
     "reverse": "Reverse the letters of the word and end with a line 'answer: <reversed word>'.",
 }
+# Checkable questions: country -> (capital, official or main languages); a response naming any one is right.
+# Countries with a disputed or split capital (Bolivia, South Africa, Israel, Sri Lanka) are left out.
+COUNTRY_FACTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "France": (("Paris",), ("French",)), "Japan": (("Tokyo",), ("Japanese",)),
+    "Brazil": (("Brasilia",), ("Portuguese",)), "Canada": (("Ottawa",), ("English", "French")),
+    "Egypt": (("Cairo",), ("Arabic",)), "Kenya": (("Nairobi",), ("Swahili", "English")),
+    "Peru": (("Lima",), ("Spanish",)), "Norway": (("Oslo",), ("Norwegian",)),
+    "India": (("New Delhi",), ("Hindi", "English")), "Mexico": (("Mexico City",), ("Spanish",)),
+    "Italy": (("Rome",), ("Italian",)), "Spain": (("Madrid",), ("Spanish",)),
+    "Germany": (("Berlin",), ("German",)), "Australia": (("Canberra",), ("English",)),
+    "Argentina": (("Buenos Aires",), ("Spanish",)), "Chile": (("Santiago",), ("Spanish",)),
+    "Greece": (("Athens",), ("Greek",)), "Turkey": (("Ankara",), ("Turkish",)),
+    "Thailand": (("Bangkok",), ("Thai",)), "Vietnam": (("Hanoi",), ("Vietnamese",)),
+    "Portugal": (("Lisbon",), ("Portuguese",)), "Poland": (("Warsaw",), ("Polish",)),
+    "Ireland": (("Dublin",), ("English", "Irish")), "Sweden": (("Stockholm",), ("Swedish",)),
+    "Morocco": (("Rabat",), ("Arabic", "Berber", "Amazigh")), "Nigeria": (("Abuja",), ("English",)),
+    "China": (("Beijing",), ("Chinese", "Mandarin")), "Indonesia": (("Jakarta",), ("Indonesian",)),
+    "Colombia": (("Bogota",), ("Spanish",)), "Cuba": (("Havana",), ("Spanish",)),
+    "Russia": (("Moscow",), ("Russian",)), "the Netherlands": (("Amsterdam",), ("Dutch",)),
+    "Austria": (("Vienna",), ("German",)), "Denmark": (("Copenhagen",), ("Danish",)),
+    "Finland": (("Helsinki",), ("Finnish", "Swedish")), "Hungary": (("Budapest",), ("Hungarian",)),
+    "the Czech Republic": (("Prague",), ("Czech",)), "Romania": (("Bucharest",), ("Romanian",)),
+    "Ukraine": (("Kyiv", "Kiev"), ("Ukrainian",)), "Iran": (("Tehran",), ("Persian", "Farsi")),
+    "Iraq": (("Baghdad",), ("Arabic", "Kurdish")), "Saudi Arabia": (("Riyadh",), ("Arabic",)),
+    "Pakistan": (("Islamabad",), ("Urdu", "English")), "Bangladesh": (("Dhaka",), ("Bengali", "Bangla")),
+    "South Korea": (("Seoul",), ("Korean",)), "the Philippines": (("Manila",), ("Filipino", "Tagalog", "English")),
+    "Malaysia": (("Kuala Lumpur",), ("Malay",)), "New Zealand": (("Wellington",), ("English", "Maori")),
+    "Ethiopia": (("Addis Ababa",), ("Amharic",)), "Ghana": (("Accra",), ("English",)),
+    "Venezuela": (("Caracas",), ("Spanish",)), "Ecuador": (("Quito",), ("Spanish",)),
+    "Uruguay": (("Montevideo",), ("Spanish",)), "Iceland": (("Reykjavik",), ("Icelandic",)),
+    "Croatia": (("Zagreb",), ("Croatian",)), "Serbia": (("Belgrade",), ("Serbian",)),
+    "Bulgaria": (("Sofia",), ("Bulgarian",)), "Nepal": (("Kathmandu",), ("Nepali",)),
+    "Jamaica": (("Kingston",), ("English",)), "Senegal": (("Dakar",), ("French", "Wolof")),
+    "Afghanistan": (("Kabul",), ("Pashto", "Dari")), "Syria": (("Damascus",), ("Arabic",)),
+    "Lebanon": (("Beirut",), ("Arabic",)), "Jordan": (("Amman",), ("Arabic",)),
+    "Qatar": (("Doha",), ("Arabic",)), "Belgium": (("Brussels",), ("Dutch", "French", "German")),
+}  # fmt: skip
+# family -> (templates, every (fillers, answers) of the family); the first template of each family but the last
+# two is one of QUESTIONS', so those held-out prompts are the distillation prompts' own kind.
+CHECKABLE: dict[str, tuple[tuple[str, ...], list[tuple[dict[str, str], tuple[str, ...]]]]] = {
+    "capital": (
+        ("What is the capital of {country}?", "Which city is the capital of {country}?"),
+        [({"country": c}, capitals) for c, (capitals, _) in COUNTRY_FACTS.items()],
+    ),
+    "language": (
+        ("What language is spoken in {country}?", "What is the main language of {country}?"),
+        [({"country": c}, languages) for c, (_, languages) in COUNTRY_FACTS.items()],
+    ),
+    "sum": (("What is {a} plus {b}?",), [({"a": str(a), "b": str(b)}, (str(a + b),))
+                                          for a in range(2, 100) for b in range(2, 100)]),
+    "weeks": (("How many days are there in {n} weeks?",), [({"n": str(n)}, (str(7 * n),)) for n in range(2, 300)]),
+    "days": (("How many hours are there in {n} days?",), [({"n": str(n)}, (str(24 * n),)) for n in range(2, 300)]),
+    "hours": (("How many minutes are there in {n} hours?",), [({"n": str(n)}, (str(60 * n),))
+                                                             for n in range(2, 300)]),
+}  # fmt: skip
 KINDS = {"instruction": 0.45, "question": 0.35, "task": 0.2}
 MAX_MISSES = 10_000
 
@@ -161,19 +223,79 @@ def make_prompts(split: str, num: int, seed: int = 0) -> list[dict]:
     return records
 
 
+def checkable_prompts(split: str, num: int, seed: int = 0) -> list[dict]:
+    """``num`` distinct questions with known answers, as records ``{"id", "prompt", "kind", "family", "answers"}``.
+
+    The families (capital, language, sum, weeks, days, hours) take turns, so every family is represented
+    while it has prompts in the split; within a family the order is a seeded shuffle.
+
+    Args:
+        split: ``"train"``, ``"val"`` or ``"test"`` (held out); a prompt's split is the one ``make_prompts``
+            gives it, so test questions are never among the training prompts.
+        num: number of questions.
+        seed: random seed of the order.
+
+    Raises:
+        ValueError: on an unknown split, a negative ``num``, or more questions than the split holds.
+    """
+    if split not in SPLIT_BUCKETS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLIT_BUCKETS)}")
+    if num < 0:
+        raise ValueError(f"num must be >= 0, got {num}")
+    rng = random.Random(f"dllm.prompts.checkable|{seed}|{split}")
+    pools = []
+    for family, (templates, cases) in CHECKABLE.items():
+        pool = [(family, t.format(**fillers), answers) for t in templates for fillers, answers in cases]
+        pool = [case for case in pool if split_of(case[1]) == split]
+        rng.shuffle(pool)
+        pools.append(pool)
+    records: list[dict] = []
+    while len(records) < num and any(pools):
+        for pool in pools:
+            if pool and len(records) < num:
+                family, prompt, answers = pool.pop()
+                records.append({"id": f"{split}-check-{len(records):05d}", "prompt": prompt, "kind": "checkable",
+                                "family": family, "answers": list(answers)})  # fmt: skip
+    if len(records) < num:
+        raise ValueError(f"could not draw {num} checkable {split} prompts (the split holds {len(records)})")
+    return records
+
+
+def _normalize(text: str) -> str:
+    """Lowercase, accents dropped (Bogotá -> bogota), thousands separators dropped (1,008 -> 1008)."""
+    text = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in text if not unicodedata.combining(c)).lower()
+    return re.sub(r"(?<=\d),(?=\d{3}\b)", "", text)
+
+
+def is_answer(response: str, answers: list[str]) -> bool:
+    """Whether ``response`` contains one of ``answers`` as a whole word or number (normalized).
+
+    "The capital of Peru is Lima." contains "Lima"; "112" does not contain the number 12, nor "Limassol" "Lima".
+    """
+    text = _normalize(response)
+    for answer in answers:
+        pattern = re.escape(_normalize(answer))
+        if re.search(rf"(?<![\w.]){pattern}(?!\w|\.\d)", text):
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: write prompts as JSONL (``id``, ``prompt``, ``kind``), a valid ``data.prompts_file``."""
     parser = argparse.ArgumentParser(prog="python -m dllm.prompts", description=__doc__.split("\n")[0])
     parser.add_argument("--split", default="train", choices=list(SPLIT_BUCKETS), help="test = held out")
     parser.add_argument("--num", type=int, default=400, help="number of prompts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkable", action="store_true", help="questions with known answers (field answers)")
     parser.add_argument("--out", default="-", help="output .jsonl path ('-' for stdout)")
     args = parser.parse_args(argv)
     try:
-        records = make_prompts(args.split, args.num, args.seed)
+        records = (checkable_prompts if args.checkable else make_prompts)(args.split, args.num, args.seed)
     except ValueError as err:
         parser.error(str(err))
-    write_jsonl(records, args.out, f"{len(records)} {args.split} prompts")
+    what = "checkable " if args.checkable else ""
+    write_jsonl(records, args.out, f"{len(records)} {what}{args.split} prompts")
     return 0
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import EOS, build_model
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from dllm.objective import eos_noise_mask, iterative_refine_loss, response_targets, windowed_targets
 
@@ -86,16 +86,29 @@ def test_chunked_loss_has_the_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-10)
 
 
-def test_chunked_loss_applies_final_logit_softcapping():
-    """Gemma2 caps its logits (tanh); the chunked path, which runs the LM head itself, must cap them too."""
+# What each architecture does after its LM head: the chunked loss, which runs the decoder and the head apart, must
+# do it too. (name, config overrides, the setting that scales the logits, its value without effect)
+FALCON_MAMBA = {"mamba_d_ssm": 16, "mamba_n_heads": 2, "mamba_d_head": 8, "mamba_d_state": 4, "mamba_chunk_size": 4}
+HEAD_SCALINGS = [
+    ("gemma2", {"final_logit_softcapping": 2.0, "head_dim": 8}, "final_logit_softcapping", None),  # tanh cap
+    ("granite", {"logits_scaling": 4.0}, "logits_scaling", 1.0),  # logits / logits_scaling
+    ("cohere", {"logit_scale": 0.25}, "logit_scale", 1.0),  # logits * logit_scale
+    # logits * the decoder's lm_head_multiplier
+    ("falcon_h1", {"lm_head_multiplier": 3.0, **FALCON_MAMBA}, "lm_head_multiplier", 1.0),
+]
+
+
+@pytest.mark.parametrize("arch,overrides,setting,neutral", HEAD_SCALINGS, ids=[a[0] for a in HEAD_SCALINGS])
+def test_chunked_loss_goes_through_the_model_s_own_head(arch, overrides, setting, neutral):
+    """Chunked == unchunked loss and gradients for every architecture that scales or caps its logits."""
     torch.manual_seed(0)
-    config = Gemma2Config(
-        vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0, eos_token_id=EOS, pad_token_id=0,
+    config = AutoConfig.for_model(
+        arch, vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, eos_token_id=EOS, pad_token_id=0, **overrides,
     )  # fmt: skip
-    model = Gemma2ForCausalLM(config).double()
+    model = AutoModelForCausalLM.from_config(config).double().eval()
     with torch.no_grad():
-        model.lm_head.weight.mul_(100.0)  # raw logits of several units: the cap changes them a lot
+        model.lm_head.weight.mul_(30.0)  # raw logits of several units: the scaling changes the loss a lot
     ids, attn, resp, _ = make_batch(3)
 
     def loss_and_grads(chunk):
@@ -109,9 +122,11 @@ def test_chunked_loss_applies_final_logit_softcapping():
     (loss, grads), (chunked_loss, chunked_grads) = loss_and_grads(None), loss_and_grads(4)
     assert torch.allclose(loss, chunked_loss, atol=1e-10)
     assert torch.allclose(grads, chunked_grads, atol=1e-10)
-    model.config.final_logit_softcapping = None
-    uncapped, _ = loss_and_grads(4)
-    assert abs(uncapped - loss) > 0.5  # the cap is material here, so the equality above tests it
+    # Cohere and Falcon-H1 read copies of the setting made at init (on the model, on its decoder)
+    owner = {"cohere": model, "falcon_h1": model.model}.get(arch, model.config)
+    setattr(owner, setting, neutral)
+    plain, _ = loss_and_grads(None)
+    assert abs(plain - loss) > 0.5  # the scaling is material here, so the equality above tests it
 
 
 @pytest.mark.parametrize("noise", [0.0, 1.0])
