@@ -88,6 +88,8 @@ FINETUNES: dict[str, dict] = {
     "sft-refine+block": {**STAGE2, "noise_schedule": "block"},
     "sft-recipe": {**STAGE2, **RECIPE},
     "sft-packed": {**STAGE2, **PACKED},
+    # the same for half the steps (its own cosine schedule): the packed objective at half the recipe's time
+    "sft-packed-half": {**STAGE2, **PACKED, "steps": 600},
 }
 
 MODEL = {  # ~0.18M parameters, Llama-shaped, byte vocabulary
@@ -124,7 +126,8 @@ class Setup:
         """The settings a checkpoint depends on (reuse only when they match)."""
         shared = {"task": self.task, "batch_size": self.batch_size, "num_train": self.num_train, "model": self.model}
         if name in FINETUNES:
-            return {"objective": name, "overrides": FINETUNES[name], "steps": self.stage2_steps,
+            steps = FINETUNES[name].get("steps", self.stage2_steps)
+            return {"objective": name, "overrides": FINETUNES[name], "steps": steps,
                     "stage1": self.training("sft"), **shared}  # fmt: skip
         return {"objective": name, "overrides": OBJECTIVES[name], "steps": self.steps, "lr": self.lr, **shared}
 
@@ -175,6 +178,7 @@ def train(setup: Setup, name: str, out: Path) -> DLLMModule:
         return DLLMModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False).eval()
     stage2 = name in FINETUNES
     steps, every = (setup.stage2_steps, setup.stage2_val_every) if stage2 else (setup.steps, setup.val_every)
+    steps = FINETUNES[name].get("steps", steps) if stage2 else steps
     print(f"[{name}] training {steps} steps on {setup.task}" + (" from the SFT model" if stage2 else ""))
     L.seed_everything(0)
     # Validation generates with jacobi: its accuracy is greedy AR accuracy (lossless), in fewer forwards; along
@@ -185,6 +189,7 @@ def train(setup: Setup, name: str, out: Path) -> DLLMModule:
     )
     settings = module_settings(setup, name, out)
     batch_size = settings.pop("batch_size", setup.batch_size)
+    settings.pop("steps", None)  # the trainer's, not the module's
     module = DLLMModule(
         **settings, val_generate_batches=-1, val_max_new_tokens=setup.max_new_tokens, generation=validation,
     )  # fmt: skip
@@ -413,7 +418,7 @@ def summary(results: Rows, timing: dict[str, dict], batch1: Rows, setup: Setup) 
         ref_share = share(ref["accuracy"], hf["accuracy"]) if ref else "-"
         lines.append(
             f"| {name} | {hf['accuracy']:.1%} | {share(hf['accuracy'], sft)} | {jac_tpf} | {jac_x} | {one} | {ada} "
-            f"| {ref_acc} | {ref_share} | {cost} |"
+            f"| {ref_acc} | {ref_share} | {cost} | {timing.get(name, {}).get('train_cpu_s', '-')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -440,7 +445,7 @@ def stage2_seconds(timing: dict[str, dict], name: str, step: int, setup: Setup) 
     Steps cost the same throughout, so the time of step ``k`` is ``k / steps`` of the whole.
     """
     seconds = timing.get(name, {}).get("train_cpu_s", timing.get(name, {}).get("train_s"))
-    return None if seconds is None else seconds * step / setup.stage2_steps
+    return None if seconds is None else seconds * step / FINETUNES[name].get("steps", setup.stage2_steps)
 
 
 def curve_table(curves: dict[str, list], timing: dict[str, dict], setup: Setup) -> str:
