@@ -88,6 +88,8 @@ FINETUNES: dict[str, dict] = {
     "sft-refine+block": {**STAGE2, "noise_schedule": "block"},
     "sft-recipe": {**STAGE2, **RECIPE},
     "sft-packed": {**STAGE2, **PACKED},
+    # the same for half the steps (its own cosine schedule): the packed objective at half the recipe's time
+    "sft-packed-half": {**STAGE2, **PACKED, "step_share": 0.5},
 }
 
 MODEL = {  # ~0.18M parameters, Llama-shaped, byte vocabulary
@@ -120,11 +122,15 @@ class Setup:
     model: dict = field(default_factory=lambda: dict(MODEL))
     objectives: list[str] = field(default_factory=lambda: ["sft", *FINETUNES, "refine", "refine+ar", "refine+block"])
 
+    def stage2_steps_of(self, name: str) -> int:
+        """A stage-2 model's steps: ``stage2_steps``, times its ``step_share`` if it has one."""
+        return max(1, round(self.stage2_steps * FINETUNES[name].get("step_share", 1.0)))
+
     def training(self, name: str) -> dict:
         """The settings a checkpoint depends on (reuse only when they match)."""
         shared = {"task": self.task, "batch_size": self.batch_size, "num_train": self.num_train, "model": self.model}
         if name in FINETUNES:
-            return {"objective": name, "overrides": FINETUNES[name], "steps": self.stage2_steps,
+            return {"objective": name, "overrides": FINETUNES[name], "steps": self.stage2_steps_of(name),
                     "stage1": self.training("sft"), **shared}  # fmt: skip
         return {"objective": name, "overrides": OBJECTIVES[name], "steps": self.steps, "lr": self.lr, **shared}
 
@@ -175,6 +181,7 @@ def train(setup: Setup, name: str, out: Path) -> DLLMModule:
         return DLLMModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=False).eval()
     stage2 = name in FINETUNES
     steps, every = (setup.stage2_steps, setup.stage2_val_every) if stage2 else (setup.steps, setup.val_every)
+    steps = setup.stage2_steps_of(name) if stage2 else steps
     print(f"[{name}] training {steps} steps on {setup.task}" + (" from the SFT model" if stage2 else ""))
     L.seed_everything(0)
     # Validation generates with jacobi: its accuracy is greedy AR accuracy (lossless), in fewer forwards; along
@@ -185,6 +192,7 @@ def train(setup: Setup, name: str, out: Path) -> DLLMModule:
     )
     settings = module_settings(setup, name, out)
     batch_size = settings.pop("batch_size", setup.batch_size)
+    settings.pop("step_share", None)  # the trainer's, not the module's
     module = DLLMModule(
         **settings, val_generate_batches=-1, val_max_new_tokens=setup.max_new_tokens, generation=validation,
     )  # fmt: skip
@@ -392,8 +400,8 @@ def summary(results: Rows, timing: dict[str, dict], batch1: Rows, setup: Setup) 
     lines = [
         f"| model | AR accuracy | of SFT's | jacobi N={n}: TPF | x HF generate (batch {setup.eval_batch}) "
         f"| x HF generate (batch 1) | adaptive jacobi: TPF, x HF (batch 1) | {refine}: accuracy | of own AR "
-        "| training s (of SFT's) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| training s (of SFT's) | training CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def share(a: float, b: float | None) -> str:
@@ -413,7 +421,7 @@ def summary(results: Rows, timing: dict[str, dict], batch1: Rows, setup: Setup) 
         ref_share = share(ref["accuracy"], hf["accuracy"]) if ref else "-"
         lines.append(
             f"| {name} | {hf['accuracy']:.1%} | {share(hf['accuracy'], sft)} | {jac_tpf} | {jac_x} | {one} | {ada} "
-            f"| {ref_acc} | {ref_share} | {cost} |"
+            f"| {ref_acc} | {ref_share} | {cost} | {timing.get(name, {}).get('train_cpu_s', '-')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -440,7 +448,7 @@ def stage2_seconds(timing: dict[str, dict], name: str, step: int, setup: Setup) 
     Steps cost the same throughout, so the time of step ``k`` is ``k / steps`` of the whole.
     """
     seconds = timing.get(name, {}).get("train_cpu_s", timing.get(name, {}).get("train_s"))
-    return None if seconds is None else seconds * step / setup.stage2_steps
+    return None if seconds is None else seconds * step / setup.stage2_steps_of(name)
 
 
 def curve_table(curves: dict[str, list], timing: dict[str, dict], setup: Setup) -> str:

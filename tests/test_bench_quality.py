@@ -39,7 +39,9 @@ def test_bench_quality_quick(tmp_path: Path) -> None:
     assert report["timing"]["sft-recipe"]["train_s"] > 0
     table = (out / "quality.md").read_text()
     assert "## Refine fine-tuning of the SFT model" in table and "## From scratch" in table
-    assert table.count("| sft-recipe |") == 1 + len(report["results"]["sft-recipe"])
+    # one summary row, one per method, one per point of the stage-2 learning curve
+    rows = 1 + len(report["results"]["sft-recipe"]) + len(report["curves"]["sft-recipe"])
+    assert table.count("| sft-recipe |") == rows
 
     # A second run reuses every checkpoint instead of training again.
     stdout = run_quick(out).stdout

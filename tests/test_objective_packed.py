@@ -282,3 +282,23 @@ def test_module_checks_the_packed_settings_before_the_model_loads(settings, name
     monkeypatch.setattr(DLLMModule, "_build_model", lambda self: pytest.fail("the model was built"))
     with pytest.raises(UserError, match=rf"model\.{name} must be"):
         DLLMModule(model_config={"model_type": "llama"}, tokenizer="byte", **settings)
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_sliding_window_models_see_the_window_in_positions(hybrid):
+    """Mistral with a 3-token window (every layer), or Gemma2 (sliding and full layers): the naive pin holds."""
+    from conftest import rope_kwargs
+    from transformers import Gemma2Config, Gemma2ForCausalLM, MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    if hybrid:
+        model = Gemma2ForCausalLM(Gemma2Config(**rope_kwargs(), head_dim=8, sliding_window=3))
+    else:
+        model = MistralForCausalLM(MistralConfig(**rope_kwargs(), sliding_window=3))
+    model = model.double().eval()
+    ids, attn, resp = make_batch(ROWS)
+    out = packed_loss(model, ids, attn, resp, [1.0, 0.5], ar_loss_weight=1.0)
+    packed = pack_blocks(ids, attn, resp, block_size=N, eos_token_id=EOS, noise_min=0.0, noise_max=1.0,
+                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    expected, _, _ = naive_loss(model, ids, attn, packed, [1.0, 0.5], 1.0)
+    assert torch.allclose(out.loss, expected, atol=1e-10)
