@@ -33,17 +33,21 @@ depends on the model, the batch and the device. So:
 
 The batch shares one draft length (a forward is a rectangle: a row that drafts
 less leaves padding that costs the same). The first two decode steps measure
-a short draft and no draft (committing only what every row confirmed, so no
-holes); longer drafts are extrapolated until they are tried. A draft must
-promise to save 5% of the time (the measures are noisy), and a decision not
-to draft stands for 8 forwards (deciding costs time too). Only the number of
+the longest draft and no draft (committing only what every row confirmed, so
+no holes); other lengths are interpolated (extrapolating from a short draft
+magnified its noise: one slow 4-token step priced a 16-token draft at 9x a
+one-token step on SmolLM2, where it cost 2.5x on a loaded CPU). A draft must promise to save
+5% of the time (the measures are noisy), and a decision not to draft stands
+for 8 forwards while only the model's own drafts are on offer (deciding costs
+time too). A text source's prior curve is optimistic past its first position
+(``TEXT_HAZARD``): a copy is either wrong at once or right for a while. Only the number of
 forwards depends on any of this, never the tokens.
 
 What a call learns outlives it (:class:`DraftMemory`, one per model): the step
 times, and the model's survival curve per source over its recent rows. A later call on
 the same model and device skips the calibration steps and starts each row from
-those curves (as two forwards of evidence) instead of the flat prior, so short answers (a few forwards each)
-do not pay the calibration again and again.
+those curves (as two forwards of evidence) instead of the flat prior, so short answers
+(a few forwards each) do not pay the calibration again and again.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ IDLE_FADE = 0.99  # ... and at each forward that does not (the drift back toward
 SAMPLES = 5  # step times kept per forward size
 HOLD = 8  # forwards a "no draft" decision stands before it is reconsidered
 MARGIN = 0.05  # a draft must promise to save this share of the time (noise in the measures)
-PROBE = 3  # draft length of the prefill and the first timed step (longer ones are extrapolated)
+PROBE = 3  # draft length of the prefill
+TEXT_HAZARD = 0.2  # prior chance that a text source's draft breaks at a position past its first ...
 USELESS_TRIALS = 8  # tested draft tokens before a text source can be judged useless for a row ...
 USELESS_RATE = 0.1  # ... when fewer than this share of them were confirmed: never picked again for it
 MODEL = 0  # the model's own drafts: index in SOURCES
@@ -87,7 +92,9 @@ class DraftMemory:
         """``[source, position]``: the model's chance that a draft is rejected at a position it reached."""
         reached = self.reached.setdefault(max_draft, np.zeros((len(SOURCES), max_draft)))
         rejected = self.rejected.setdefault(max_draft, np.zeros((len(SOURCES), max_draft)))
-        return (rejected + (1.0 - PRIOR)) / (reached + 1.0)
+        prior = np.full(reached.shape, 1.0 - PRIOR)
+        prior[MODEL + 1 :, 1:] = TEXT_HAZARD  # ... for a copy is either wrong at once or right for a while
+        return (rejected + prior) / (reached + 1.0)
 
 
 _MEMORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -302,10 +309,13 @@ class DraftPolicy:
             return 0
         if not self.adaptive:
             return longest
-        # calibration: the prefill drafts a short block (predictions for the next step
-        # to verify), one step times a short draft, one times no draft
-        if self.calibrating and self.steps <= 1:
+        # calibration: the prefill drafts a short block (predictions for the next step to verify),
+        # one step times the longest draft (shorter ones are then interpolated: extrapolating
+        # from a short one magnifies its noise), one times no draft
+        if self.calibrating and self.steps == 0:
             return min(longest, PROBE)
+        if self.calibrating and self.steps == 1:
+            return longest
         if self.calibrating and self.steps == 2:
             return 0
         picks = picks or [MODEL] * len(rows)

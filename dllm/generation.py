@@ -10,7 +10,10 @@ Two modes share one engine (the contract is in ``docs/method.md``):
   exact token, so the output is exactly greedy (or sampled) next-token
   decoding, with fewer forwards when the drafts are good. The draft length
   adapts per forward to the measured acceptance and the measured cost of a
-  longer forward (``dllm.drafting``), down to plain one-token decoding.
+  longer forward (``dllm.drafting``), down to plain one-token decoding. The
+  draft's tokens come from the model's own guesses, from an earlier occurrence
+  of the last committed tokens in the text, or from recycled n-grams
+  (``dllm.draft_sources``); the loop is ``dllm.draft_jacobi``.
 
 The rows share one column axis with masked holes where they committed different
 numbers of tokens (``dllm.batch``, which also keeps sliding windows exact);

@@ -21,8 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, SumMetric
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dllm.errors import UserError
 from dllm.draft_sources import parse_sources
+from dllm.errors import UserError
 from dllm.generation import iterative_generate
 from dllm.objective import iterative_refine_loss
 from dllm.strategies import forwards_are_collective

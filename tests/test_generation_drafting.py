@@ -122,7 +122,7 @@ def test_free_drafts_are_drafted_in_full_exactly(models, arch, monkeypatch):
         longest.append(min(5, 60 - done - 1))
         done += step.accepted + 1
     lengths = [len(s.draft) for s in steps]
-    assert lengths[:3] == [3, 3, 0]  # calibration: the prefill's short draft, then the cost of one and of none
+    assert lengths[:3] == [3, 5, 0]  # calibration: the prefill's short draft, then the cost of the longest and of none
     # free drafts: all or nothing (nothing only while the row's rate cannot promise the margin)
     assert all(k in (0, most) for k, most in zip(lengths[3:], longest[3:]))
     assert lengths.count(5) > len(lengths) // 2  # mostly the longest
@@ -143,13 +143,13 @@ def test_a_later_call_on_the_same_model_skips_the_calibration(models, monkeypatc
         )  # fmt: skip
         assert torch.equal(out.sequences, expected)
         calls.append([len(s.draft) for s in steps])
-    assert calls[0][:3] == [3, 3, 0]  # calibration: a short draft, then the cost of one and of none
+    assert calls[0][:3] == [3, 5, 0]  # calibration: a short draft, then the cost of the longest and of none
     assert calls[1][0] == 5  # calibrated: free drafts are drafted in full from the first forward
     drafting.forget()
     steps = []
     iterative_generate(model, ids, mask, eos_token_id=EOS, add_eos_length=5, mode="jacobi", max_new_tokens=40,
                        trace=steps.append)  # fmt: skip
-    assert [len(s.draft) for s in steps][:3] == [3, 3, 0]
+    assert [len(s.draft) for s in steps][:3] == [3, 5, 0]
 
 
 def test_the_memory_is_per_model_device_and_dtype(models):
