@@ -1,6 +1,6 @@
 """Speed of block generation against Hugging Face ``generate``, greedy and sampled, tiny and real models.
 
-Four sections, each timed in the same process (the ratios compare runs of one
+Five sections, each timed in the same process (the ratios compare runs of one
 process on one machine):
 
 1. ``methods``: a tiny randomly initialised ``Qwen2ForCausalLM`` (seeded; hidden
@@ -21,6 +21,15 @@ process on one machine):
    1 and 8: HF, adaptive jacobi, fixed jacobi N=3 and 7, refine N=7 R=2.
    Jacobi must reproduce HF's greedy text exactly (``matches_hf``). Skipped
    with a message when no real model is given or found.
+5. ``grounded``: the same real model on fourteen input-grounded prompts
+   (:data:`GROUNDED_PROMPTS`: rewrite, edit code, fix text, reformat data,
+   answer from a passage; answers copy much of the prompt), all of them at
+   each batch size in consecutive batches: HF ``generate``, HF prompt lookup
+   (``prompt_lookup_num_tokens=10``, batch 1 only: HF refuses larger batches;
+   HF's assisted decoding with a draft model does not apply: no assistant
+   model exists offline), adaptive jacobi N=15 with the default draft sources
+   and with each source alone (``none`` = the model's own guesses). Every
+   output must equal HF greedy's. ``--plot`` draws its ratios.
 
 On the tiny models the stop id is the last vocabulary id and its ``lm_head``
 row is the mean of the others: its logit is never the largest, so greedy
@@ -271,6 +280,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="smoke run: 32 new tokens (16 sampled), prompt 16, N=3 only, cache lengths 32 64, no real model",
     )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="PNG of the input-grounded section's speed ratios (with --replot: from that JSON, nothing run)",
+    )
+    p.add_argument("--replot", type=Path, default=None, help="a JSON written by --out to plot instead of running")
     p.add_argument(
         "--out",
         type=Path,
@@ -679,6 +695,35 @@ def cache_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_grounded(rows: list[dict], path: Path) -> None:
+    """Bar chart: tokens/s as a multiple of HF ``generate`` per method, batch 1 and 8, input-grounded prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 3.6), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        mine = [r for r in rows if r["batch"] == batch]
+        labels = [r["label"].replace("jacobi N=15 adaptive ", "jacobi ").replace("sources=", "") for r in mine]
+        ratios = [r["ratio_to_hf"] for r in mine]
+        colors = ["#888888" if r["method"] == "hf" else "#3b7dd8" for r in mine]
+        ax.barh(labels[::-1], ratios[::-1], color=colors[::-1])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        for y, (value, r) in enumerate(zip(ratios[::-1], mine[::-1])):
+            same = "" if r["matches_hf"] is None else (" =" if r["matches_hf"] else " DIFFERS")
+            ax.text(value, y, f" {value:.2f}x{same}", va="center", fontsize=8)
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("tokens/s / HF generate")
+        ax.set_xlim(0, max(ratios) * 1.35)
+    fig.suptitle("SmolLM2-135M, input-grounded prompts, CPU 1 thread (= : same tokens as HF greedy)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def environment(args: argparse.Namespace) -> dict:
     """What the numbers were measured on: device, dtype, versions, threads, settings."""
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
@@ -725,6 +770,10 @@ def main(argv: list[str] | None = None) -> dict:
         Everything written to ``--out``.
     """
     args = parse_args(argv)
+    if args.replot is not None:
+        report = json.loads(args.replot.read_text())
+        plot_grounded(report["grounded"], args.plot or Path("docs/generation_grounded.png"))
+        return report
     apply_quick(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -778,6 +827,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "tokens, its own stop token (HF prompt lookup: batch 1 only; no assistant model offline)\n"
             )
             print(method_table(report["grounded"], real=True))
+            if args.plot is not None:
+                plot_grounded(report["grounded"], args.plot)
     env = report["environment"]
     print(f"\n{env['device']} {env['device_name']}, {env['dtype']}, threads={env['threads']}, best of {args.repeats}")
     if not all(r["full_budget"] for r in report.get("methods", [])):
