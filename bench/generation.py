@@ -1,6 +1,6 @@
 """Speed of block generation against Hugging Face ``generate``, greedy and sampled, tiny and real models.
 
-Four sections, each timed in the same process (the ratios compare runs of one
+Five sections, each timed in the same process (the ratios compare runs of one
 process on one machine):
 
 1. ``methods``: a tiny randomly initialised ``Qwen2ForCausalLM`` (seeded; hidden
@@ -21,6 +21,15 @@ process on one machine):
    1 and 8: HF, adaptive jacobi, fixed jacobi N=3 and 7, refine N=7 R=2.
    Jacobi must reproduce HF's greedy text exactly (``matches_hf``). Skipped
    with a message when no real model is given or found.
+5. ``grounded``: the same real model on fourteen input-grounded prompts
+   (:data:`GROUNDED_PROMPTS`: rewrite, edit code, fix text, reformat data,
+   answer from a passage; answers copy much of the prompt), all of them at
+   each batch size in consecutive batches: HF ``generate``, HF prompt lookup
+   (``prompt_lookup_num_tokens=10``, batch 1 only: HF refuses larger batches;
+   HF's assisted decoding with a draft model does not apply: no assistant
+   model exists offline), adaptive jacobi N=15 with the default draft sources
+   and with each source alone (``none`` = the model's own guesses). Every
+   output must equal HF greedy's. ``--plot`` draws its ratios.
 
 On the tiny models the stop id is the last vocabulary id and its ``lm_head``
 row is the mean of the others: its logit is never the largest, so greedy
@@ -73,6 +82,65 @@ REAL_PROMPTS = [
     "Tell me about the history of the bicycle.",
 ]
 
+# answers that copy much of the prompt: rewrite, edit code, fix text, reformat data, answer from a passage
+GROUNDED_PROMPTS = [
+    # fix text
+    "Fix the spelling mistakes in this sentence and write it out again: "
+    '"The quick brwn fox jumpd over the lazzy dog and ran into the forrest."',
+    # rewrite
+    "Rewrite this paragraph in a formal tone:\n\n"
+    "Hey team, the meeting got moved to Thursday at 3pm because the room was double booked. "
+    "Please bring your laptops and the sales numbers from last quarter. If you can't make it, "
+    "let Sarah know by Wednesday so she can send you the notes.",
+    # edit code
+    "Rename the variable `x` to `total` in this Python function and return the full function:\n\n"
+    "def add_all(numbers):\n    x = 0\n    for n in numbers:\n        x = x + n\n    return x\n",
+    # edit code: docstring
+    "Add a docstring to this function and return the complete code:\n\n"
+    "def is_prime(n):\n    if n < 2:\n        return False\n    for i in range(2, int(n ** 0.5) + 1):\n"
+    "        if n % i == 0:\n            return False\n    return True\n",
+    # reformat data
+    "Convert this CSV to a JSON list of objects:\n\nname,age,city\nAlice,30,Paris\nBob,25,London\n"
+    "Carol,41,Berlin\nDave,35,Madrid\n",
+    # reformat list
+    "Turn this comma-separated list into a numbered list, one item per line: "
+    "apples, bananas, cherries, dates, elderberries, figs, grapes, honeydew melon",
+    # answer from passage
+    "Read the passage and answer the question.\n\nPassage: The Eiffel Tower is a wrought-iron lattice tower on "
+    "the Champ de Mars in Paris, France. It is named after the engineer Gustave Eiffel, whose company designed "
+    "and built the tower from 1887 to 1889. It was the entrance arch to the 1889 World's Fair.\n\n"
+    "Question: Who is the Eiffel Tower named after, and when was it built?",
+    # fix grammar email
+    "Correct the grammar of this email and write the corrected email:\n\n"
+    "Dear Mr. Smith,\n\nI am writing to informs you that the package have been delivered yesterday. "
+    "We was very happy with the service and we will uses your company again.\n\nBest regards,\nAnna",
+    # edit code: print to logging
+    "Replace every print call with logging.info in this code and show the result:\n\n"
+    'import logging\n\ndef process(items):\n    print("starting")\n    for item in items:\n'
+    '        print("processing", item)\n    print("done")\n',
+    # reformat: markdown table
+    "Reformat this data as a markdown table with columns Country and Capital:\n\n"
+    "France - Paris\nGermany - Berlin\nItaly - Rome\nSpain - Madrid\nPortugal - Lisbon\n",
+    # answer from passage, longer
+    "Answer using only the text below.\n\nText: Photosynthesis is the process by which green plants use sunlight "
+    "to make food from carbon dioxide and water. It takes place mainly in the leaves, inside small structures "
+    "called chloroplasts, which contain a green pigment called chlorophyll. The process releases oxygen as a "
+    "by-product, which is why plants are so important for life on Earth.\n\n"
+    "Question: Where does photosynthesis take place, and what does it release?",
+    # rewrite: replace words
+    'Repeat the following text, replacing every occurrence of "cat" with "dog":\n\n'
+    "The cat sat on the mat. The cat was happy because the cat had eaten. Later the cat slept.",
+    # edit code: add type hints
+    "Add type hints to this function and return it:\n\n"
+    "def greet(name, times):\n    result = []\n    for _ in range(times):\n"
+    '        result.append("Hello, " + name)\n    return result\n',
+    # fix text: capitalisation
+    'Fix the capitalization of this text: "my name is john. i live in new york and i work at google."',
+]
+GROUNDED_SOURCES = ["all", "none", "ngram", "pool"]  # jacobi: defaults, then each source alone
+GROUNDED_N = 15  # GenerationSettings' default add_eos_length
+LOOKUP_TOKENS = 10  # HF prompt lookup's prompt_lookup_num_tokens
+
 
 @dataclass
 class Config:
@@ -88,6 +156,8 @@ class Config:
         adaptive: jacobi's adaptive draft length (``None`` for other methods).
         use_cache: whether the KV cache is used.
         sampled: temperature 0.7, top-p 0.9 instead of greedy.
+        sources: jacobi's ``draft_sources`` (``None``: the library default).
+        lookup: hf with ``prompt_lookup_num_tokens`` (HF's prompt lookup decoding).
     """
 
     section: str
@@ -99,15 +169,18 @@ class Config:
     adaptive: bool | None = None
     use_cache: bool = True
     sampled: bool = False
+    sources: str | None = None
+    lookup: bool = False
 
     @property
     def label(self) -> str:
         """A short name: ``hf``, ``refine N=7 R=2``, ``jacobi N=7 adaptive`` ..."""
         if self.method == "hf":
-            return "hf"
+            return f"hf prompt lookup {LOOKUP_TOKENS}" if self.lookup else "hf"
         if self.method == "refine":
             return f"refine N={self.n} R={self.r}"
-        return f"jacobi N={self.n}" + (" adaptive" if self.adaptive else "")
+        label = f"jacobi N={self.n}" + (" adaptive" if self.adaptive else "")
+        return label + (f" sources={self.sources}" if self.sources else "")
 
 
 @dataclass
@@ -147,6 +220,8 @@ class Workload:
         pad_id: the padding id.
         prompts: per batch size, ``(input_ids, attention_mask)`` (left-padded).
         name: what the model is.
+        groups: per batch size, several such batches run one after another (the input-grounded
+            prompts); ``None``: one batch, ``prompts``.
     """
 
     model: torch.nn.Module
@@ -154,6 +229,7 @@ class Workload:
     pad_id: int
     prompts: dict[int, tuple[torch.Tensor, torch.Tensor]]
     name: str
+    groups: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -190,7 +266,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"HF folder or .gguf file of a real model (default: {DEFAULT_REAL} when it exists)",
     )
-    p.add_argument("--sections", nargs="+", default=["methods", "cache", "sampling", "real"], help="what to run")
+    p.add_argument(
+        "--sections",
+        nargs="+",
+        default=["methods", "cache", "sampling", "real", "grounded"],
+        help="what to run (default: all five)",
+    )
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the best counts (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model weights and prompts (default: 0)")
@@ -199,6 +280,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="smoke run: 32 new tokens (16 sampled), prompt 16, N=3 only, cache lengths 32 64, no real model",
     )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="PNG of the input-grounded section's speed ratios (with --replot: from that JSON, nothing run)",
+    )
+    p.add_argument("--replot", type=Path, default=None, help="a JSON written by --out to plot instead of running")
     p.add_argument(
         "--out",
         type=Path,
@@ -222,7 +310,7 @@ def apply_quick(args: argparse.Namespace) -> None:
         args.cache_lengths, args.repeats = [32, 64], 1
         args.threads = args.threads or 1  # a tiny model gains nothing from threads on a shared CPU
         if args.real_model is None:
-            args.sections = [s for s in args.sections if s != "real"]
+            args.sections = [s for s in args.sections if s not in ("real", "grounded")]
 
 
 # --- configurations ---------------------------------------------------------------------
@@ -277,6 +365,19 @@ def real_configs(batch_sizes: list[int], new_tokens: int) -> list[Config]:
     return configs
 
 
+def grounded_configs(batch_sizes: list[int], new_tokens: int) -> list[Config]:
+    """Input-grounded prompts: HF, HF prompt lookup (batch 1 only: HF refuses larger batches), adaptive jacobi
+    with the default sources and with each source alone."""
+    configs = []
+    for batch in batch_sizes:
+        configs.append(Config("grounded", "hf", batch, new_tokens))
+        if batch == 1:
+            configs.append(Config("grounded", "hf", batch, new_tokens, lookup=True))
+        configs += [Config("grounded", "jacobi", batch, new_tokens, GROUNDED_N, adaptive=True, sources=s)
+                    for s in GROUNDED_SOURCES]  # fmt: skip
+    return configs
+
+
 # --- models and prompts ------------------------------------------------------------------
 
 
@@ -325,13 +426,15 @@ def find_real_model(path: Path | None) -> Path | None:
     return DEFAULT_REAL if (DEFAULT_REAL / "config.json").exists() else None
 
 
-def real_workload(path: Path, args: argparse.Namespace, batch_sizes: list[int]) -> Workload:
+def real_workload(path: Path, args: argparse.Namespace, batch_sizes: list[int], grounded: bool = False) -> Workload:
     """Load a real model (HF folder or ``.gguf``) and chat prompts, left-padded.
 
     Args:
         path: the folder or GGUF file.
         args: the parsed options (device, dtype).
         batch_sizes: batch sizes to make prompts for (the first ``b`` of :data:`REAL_PROMPTS`).
+        grounded: the input-grounded prompts instead (:data:`GROUNDED_PROMPTS`, all of them at every batch
+            size, in consecutive batches of up to ``b``).
 
     Returns:
         The workload; the stop id is the model's EOS.
@@ -340,21 +443,29 @@ def real_workload(path: Path, args: argparse.Namespace, batch_sizes: list[int]) 
     tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[args.dtype], **extra).to(args.device).eval()
-    prompts = {}
-    for batch in batch_sizes:
+
+    def encode(questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         texts = [
             tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
             if tokenizer.chat_template
             else q
-            for q in (REAL_PROMPTS * 8)[:batch]
+            for q in questions
         ]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        prompts[batch] = (enc.input_ids.to(args.device), enc.attention_mask.to(args.device))
+        return enc.input_ids.to(args.device), enc.attention_mask.to(args.device)
+
+    prompts, groups = {}, {}
+    for batch in batch_sizes:
+        if grounded:
+            groups[batch] = [encode(GROUNDED_PROMPTS[i : i + batch]) for i in range(0, len(GROUNDED_PROMPTS), batch)]
+            prompts[batch] = groups[batch][0]
+        else:
+            prompts[batch] = encode((REAL_PROMPTS * 8)[:batch])
     stop = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
     params = sum(p.numel() for p in model.parameters()) / 1e6
     name = f"{path} ({type(model).__name__}, {params:.1f}M parameters, vocabulary {model.config.vocab_size})"
-    return Workload(model, stop, pad, prompts, name)
+    return Workload(model, stop, pad, prompts, name, groups if grounded else None)
 
 
 # --- running ---------------------------------------------------------------------------
@@ -381,28 +492,42 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def generate_once(work: Workload, cfg: Config) -> tuple[list[list[int]], int, float]:
-    """Run one generation.
+def generate_once(work: Workload, cfg: Config, first_only: bool = False) -> tuple[list[list[int]], int, float]:
+    """Run one generation (every batch of ``work.groups`` in turn, when it has groups).
 
     Args:
         work: model, prompts and stop id.
         cfg: what to run.
+        first_only: with groups, only the first batch (a warm-up).
 
     Returns:
         ``(rows, forwards, tokens_per_forward)``: each row's generated tokens (stop token
         included), the model calls, and generated tokens per forward per sequence.
     """
-    ids, mask = work.prompts[cfg.batch]
+    if work.groups is None:
+        return _generate_batch(work, cfg, *work.prompts[cfg.batch])
+    rows, forwards, row_forwards = [], 0, 0.0
+    for ids, mask in work.groups[cfg.batch][: 1 if first_only else None]:
+        batch_rows, calls, per_forward = _generate_batch(work, cfg, ids, mask)
+        rows += batch_rows
+        forwards += calls
+        row_forwards += sum(map(len, batch_rows)) / per_forward if per_forward else 0.0
+    return rows, forwards, sum(map(len, rows)) / max(row_forwards, 1e-9)
+
+
+def _generate_batch(work: Workload, cfg: Config, ids: torch.Tensor, mask: torch.Tensor):
+    """One batch of :func:`generate_once`."""
     sampling = dict(SAMPLING) if cfg.sampled else {}
     width = ids.size(1)
     if cfg.method == "hf":
         counter = ForwardCounter(work.model)
         try:
             with torch.inference_mode():
+                lookup = {"prompt_lookup_num_tokens": LOOKUP_TOKENS} if cfg.lookup else {}
                 out = work.model.generate(
                     input_ids=ids, attention_mask=mask, do_sample=cfg.sampled, max_new_tokens=cfg.new_tokens,
                     eos_token_id=work.stop_id, pad_token_id=work.pad_id, use_cache=cfg.use_cache, top_k=None,
-                    **sampling,
+                    **sampling, **lookup,
                 )  # fmt: skip
         finally:
             counter.close()
@@ -410,12 +535,13 @@ def generate_once(work: Workload, cfg: Config) -> tuple[list[list[int]], int, fl
         for row in out[:, width:].tolist():
             cut = row.index(work.stop_id) + 1 if work.stop_id in row else len(row)
             rows.append(row[:cut])
-        return rows, counter.calls, sum(map(len, rows)) / max(cfg.batch * counter.calls, 1)
+        return rows, counter.calls, sum(map(len, rows)) / max(ids.size(0) * counter.calls, 1)
     generator = torch.Generator(device=ids.device).manual_seed(0) if cfg.sampled else None
     out = iterative_generate(
         work.model, ids, mask, eos_token_id=work.stop_id, pad_token_id=work.pad_id, add_eos_length=cfg.n,
         refine_iter=cfg.r or 1, max_new_tokens=cfg.new_tokens, mode=cfg.method, use_cache=cfg.use_cache,
         adaptive_draft=bool(cfg.adaptive), generator=generator, return_dict=True, **sampling,
+        **({"draft_sources": cfg.sources} if cfg.sources else {}),
     )  # fmt: skip
     rows = [out.sequences[i, width : width + int(n)].tolist() for i, n in enumerate(out.new_tokens)]
     return rows, out.num_forwards, out.tokens_per_forward
@@ -434,7 +560,7 @@ def measure(work: Workload, cfg: Config, repeats: int, device: str, reference=No
     Returns:
         The measurements.
     """
-    generate_once(work, cfg)  # warm-up
+    generate_once(work, cfg, first_only=True)  # warm-up
     times = []
     for _ in range(repeats):
         sync(device)
@@ -469,7 +595,7 @@ def rows_of(results: list[Result]) -> list[dict]:
     Returns:
         One dict per result.
     """
-    hf = {(r.config.batch, r.config.sampled): r.tokens_per_s for r in results if r.config.method == "hf"}
+    hf = {(r.config.batch, r.config.sampled): r.tokens_per_s for r in results if r.config.label == "hf"}
     greedy = {(r.config.label, r.config.batch): r.seconds for r in results if not r.config.sampled}
     out = []
     for res in results:
@@ -569,6 +695,35 @@ def cache_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_grounded(rows: list[dict], path: Path) -> None:
+    """Bar chart: tokens/s as a multiple of HF ``generate`` per method, batch 1 and 8, input-grounded prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 3.6), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        mine = [r for r in rows if r["batch"] == batch]
+        labels = [r["label"].replace("jacobi N=15 adaptive ", "jacobi ").replace("sources=", "") for r in mine]
+        ratios = [r["ratio_to_hf"] for r in mine]
+        colors = ["#888888" if r["method"] == "hf" else "#3b7dd8" for r in mine]
+        ax.barh(labels[::-1], ratios[::-1], color=colors[::-1])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        for y, (value, r) in enumerate(zip(ratios[::-1], mine[::-1])):
+            same = "" if r["matches_hf"] is None else (" =" if r["matches_hf"] else " DIFFERS")
+            ax.text(value, y, f" {value:.2f}x{same}", va="center", fontsize=8)
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("tokens/s / HF generate")
+        ax.set_xlim(0, max(ratios) * 1.35)
+    fig.suptitle("SmolLM2-135M, input-grounded prompts, CPU 1 thread (= : same tokens as HF greedy)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def environment(args: argparse.Namespace) -> dict:
     """What the numbers were measured on: device, dtype, versions, threads, settings."""
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine()
@@ -596,9 +751,10 @@ def run_section(work: Workload, configs: list[Config], args: argparse.Namespace,
     """Measure the configurations in order (HF greedy first per batch: the reference for ``matches_hf``)."""
     results, reference = [], {}
     for cfg in tqdm(configs, desc=desc, unit="cfg"):
-        ref = reference.get(cfg.batch) if cfg.section == "real" and cfg.method == "jacobi" else None
+        checked = cfg.section in ("real", "grounded")
+        ref = reference.get(cfg.batch) if checked and cfg.label != "hf" else None
         res = measure(work, cfg, args.repeats, args.device, ref)
-        if cfg.section == "real" and cfg.method == "hf":
+        if checked and cfg.label == "hf":
             reference[cfg.batch] = generate_once(work, cfg)[0]
         results.append(res)
     return results
@@ -614,6 +770,10 @@ def main(argv: list[str] | None = None) -> dict:
         Everything written to ``--out``.
     """
     args = parse_args(argv)
+    if args.replot is not None:
+        report = json.loads(args.replot.read_text())
+        plot_grounded(report["grounded"], args.plot or Path("docs/generation_grounded.png"))
+        return report
     apply_quick(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -653,6 +813,22 @@ def main(argv: list[str] | None = None) -> dict:
             report["real"] = rows_of(run_section(real, configs, args, "real"))
             print(f"\n## Real model: {real.name}, up to {args.real_new_tokens} new tokens, its own stop token\n")
             print(method_table(report["real"], real=True))
+    if "grounded" in args.sections:
+        path = find_real_model(args.real_model)
+        if path is None or not path.exists():
+            print(f"\n## Input-grounded: skipped: no model at {path or DEFAULT_REAL} (--real-model PATH)")
+        else:
+            real = real_workload(path, args, args.batch_sizes, grounded=True)
+            report["environment"]["real_model"] = real.name
+            configs = grounded_configs(args.batch_sizes, args.real_new_tokens)
+            report["grounded"] = rows_of(run_section(real, configs, args, "grounded"))
+            print(
+                f"\n## Input-grounded: {real.name}, {len(GROUNDED_PROMPTS)} prompts, up to {args.real_new_tokens} new "
+                "tokens, its own stop token (HF prompt lookup: batch 1 only; no assistant model offline)\n"
+            )
+            print(method_table(report["grounded"], real=True))
+            if args.plot is not None:
+                plot_grounded(report["grounded"], args.plot)
     env = report["environment"]
     print(f"\n{env['device']} {env['device_name']}, {env['dtype']}, threads={env['threads']}, best of {args.repeats}")
     if not all(r["full_budget"] for r in report.get("methods", [])):

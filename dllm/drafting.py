@@ -6,35 +6,48 @@ blind to what a longer draft costs. A draft is only worth its tokens when the
 forward that verifies it is not much dearer than a one-token forward, and that
 depends on the model, the batch and the device. So:
 
-- per row, an acceptance rate ``a``: the chance that a draft token is confirmed
-  when the tokens before it were, counted over the recent forwards (older ones
-  fade), starting from a prior of 0.5. While a row does not draft, its count
-  fades slowly toward the prior, so a row that turns predictable gets tried
-  again;
+- per row and per draft source (``dllm.draft_sources``), a Kaplan-Meier
+  estimate of how far a draft survives: at each draft position ``j`` the
+  chance that it is rejected when every token before it was confirmed, counted
+  over the recent forwards (older ones fade). A row starts from the model's
+  estimate over its recent rows (``DraftMemory``; a flat 0.5 before any), worth
+  two forwards of evidence. Per position matters because sources differ in
+  shape: the model's own guesses fade geometrically, while an n-gram copied
+  from the prompt is either wrong at once or right for a long run. While a
+  row's model drafts are not tested, their evidence fades slowly toward the
+  prior, so a row that turns predictable is tried again;
+- per row, the source to verify: the one with the most expected confirmed
+  tokens among those with a candidate, never a text source that was measured
+  useless for the row (fewer than 10% of 8 or more tested tokens confirmed);
 - per forward size (rows x columns), the measured time of a loop step (the
   median of the recent ones; CPU time of the process on a CPU, where other
   programs make wall time noisy; wall time on an accelerator); other sizes are
   interpolated;
 - each forward takes the draft length ``k`` in ``[0, max_draft]`` that
   minimises the expected time to finish the batch: row ``i`` needs about
-  ``left_i / (1 + a_i + ... + a_i ** k)`` more forwards, rows leave as they
+  ``left_i / (1 + E_i(k))`` more forwards (``E_i(k)``: the expected confirmed
+  tokens of a ``k``-token draft of its source, the sum of the survival curve), rows leave as they
   finish, and a forward of ``r`` rows costs ``time(r x (k + 1))``. With one row
   this is the most tokens per second; in a batch it sees that drafting for a
   row that will finish early anyway does not shorten the slowest row.
 
 The batch shares one draft length (a forward is a rectangle: a row that drafts
 less leaves padding that costs the same). The first two decode steps measure
-a short draft and no draft (committing only what every row confirmed, so no
-holes); longer drafts are extrapolated until they are tried. A draft must
-promise to save 5% of the time (the measures are noisy), and a decision not
-to draft stands for 8 forwards (deciding costs time too). Only the number of
+the longest draft and no draft (committing only what every row confirmed, so
+no holes); other lengths are interpolated (extrapolating from a short draft
+magnified its noise: one slow 4-token step priced a 16-token draft at 9x a
+one-token step on SmolLM2, where it cost 2.5x on a loaded CPU). A draft must promise to save
+5% of the time (the measures are noisy), and a decision not to draft stands
+for 8 forwards while only the model's own drafts are on offer (deciding costs
+time too). A text source's prior curve is optimistic past its first position
+(``TEXT_HAZARD``): a copy is either wrong at once or right for a while. Only the number of
 forwards depends on any of this, never the tokens.
 
 What a call learns outlives it (:class:`DraftMemory`, one per model): the step
-times, and the model's acceptance rate over its recent rows. A later call on
+times, and the model's survival curve per source over its recent rows. A later call on
 the same model and device skips the calibration steps and starts each row from
-that rate (as a few draft tokens of evidence) instead of the flat prior, so short answers (a few forwards each)
-do not pay the calibration again and again.
+those curves (as two forwards of evidence) instead of the flat prior, so short answers
+(a few forwards each) do not pay the calibration again and again.
 """
 
 from __future__ import annotations
@@ -46,14 +59,20 @@ from statistics import median
 
 import numpy as np
 
-PRIOR = 0.5  # acceptance rate of a row nobody has measured
-REMEMBERED = 4.0  # draft tokens' worth of evidence a new row takes from the model's recent rate
+from dllm.draft_sources import SOURCES
+
+PRIOR = 0.5  # chance of confirming a draft token, per position, before anything was measured
+REMEMBERED = 2.0  # forwards' worth of evidence a row takes from the model's curve
 FADE = 0.9  # weight kept by past evidence at each forward that tests the row's draft
 IDLE_FADE = 0.99  # ... and at each forward that does not (the drift back toward the prior)
 SAMPLES = 5  # step times kept per forward size
 HOLD = 8  # forwards a "no draft" decision stands before it is reconsidered
 MARGIN = 0.05  # a draft must promise to save this share of the time (noise in the measures)
-PROBE = 3  # draft length of the prefill and the first timed step (longer ones are extrapolated)
+PROBE = 3  # draft length of the prefill
+TEXT_HAZARD = 0.2  # prior chance that a text source's draft breaks at a position past its first ...
+USELESS_TRIALS = 8  # tested draft tokens before a text source can be judged useless for a row ...
+USELESS_RATE = 0.1  # ... when fewer than this share of them were confirmed: never picked again for it
+MODEL = 0  # the model's own drafts: index in SOURCES
 
 
 class DraftMemory:
@@ -61,16 +80,21 @@ class DraftMemory:
 
     def __init__(self):
         self.times: dict[int, deque] = {}  # forward size -> recent step seconds
-        self.hits, self.trials = 0.0, 0.0  # faded confirmed / tested draft tokens over all rows
+        self.reached: dict[int, np.ndarray] = {}  # max_draft -> [source, position] faded tested drafts
+        self.rejected: dict[int, np.ndarray] = {}  # ... and those rejected at that position
 
     @property
     def calibrated(self) -> bool:
         """Two forward sizes measured: enough to interpolate and extrapolate costs."""
         return len(self.times) >= 2
 
-    def prior(self) -> float:
-        """The model's recent acceptance rate over all rows (``PRIOR`` before any)."""
-        return (self.hits + PRIOR) / (self.trials + 1.0)
+    def hazard(self, max_draft: int) -> np.ndarray:
+        """``[source, position]``: the model's chance that a draft is rejected at a position it reached."""
+        reached = self.reached.setdefault(max_draft, np.zeros((len(SOURCES), max_draft)))
+        rejected = self.rejected.setdefault(max_draft, np.zeros((len(SOURCES), max_draft)))
+        prior = np.full(reached.shape, 1.0 - PRIOR)
+        prior[MODEL + 1 :, 1:] = TEXT_HAZARD  # ... for a copy is either wrong at once or right for a while
+        return (rejected + prior) / (reached + 1.0)
 
 
 _MEMORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -114,9 +138,12 @@ class DraftPolicy:
         self.memory = memory or DraftMemory()
         # a new row starts near the model's recent rate, as if it had seen REMEMBERED draft tokens; like
         # its own evidence this fades toward PRIOR while the row does not draft, so it is tried again
-        start = REMEMBERED if self.memory.trials > 0 else 0.0
-        self.hits = [start * self.memory.prior()] * rows  # faded confirmed draft tokens per row
-        self.trials = [start] * rows  # faded tested draft tokens per row
+        shape = (rows, len(SOURCES), max(max_draft, 1))
+        self.reached = np.zeros(shape)  # faded: drafts of a row and source that reached a position
+        self.rejected = np.zeros(shape)  # ... and were rejected there
+        self.prior = self.memory.hazard(shape[2])  # [source, position], the model's curve
+        self.tested = np.zeros(shape[:2])  # unfaded tested / confirmed draft tokens: is a source useless?
+        self.confirmed = np.zeros(shape[:2])
         self.times = self.memory.times  # forward size -> recent step seconds
         self.steps = 0  # forwards of this call
         self.calibrating = not self.memory.calibrated  # steps 0-2 measure costs
@@ -147,26 +174,52 @@ class DraftPolicy:
         self._medians[size] = median(samples)
         self._table = None
 
-    def accepted(self, rows: list[int], drafted: int, accepted: list[int], informative: list[bool]) -> None:
+    def accepted(
+        self,
+        rows: list[int],
+        drafted: int,
+        accepted: list[int],
+        informative: list[bool],
+        picks: list[int] | None = None,
+        lengths: list[int] | None = None,
+    ) -> None:
         """Record, per active row, how many of ``drafted`` draft tokens the forward confirmed.
 
-        ``informative[i]`` is False when the row's draft held no prediction yet
-        (only placeholders after a step without a draft): it says nothing about
-        the row's drafts and is left out.
+        Args:
+            rows: original indices of the active rows.
+            drafted: the draft length of the forward.
+            accepted: per row, the confirmed draft tokens.
+            informative: per row, False when its draft held no guess (only placeholders after a step
+                without a draft): it says nothing about the row's drafts and is left out.
+            picks: per row, the source of its draft (``None``: all the model's own).
+            lengths: per row, how many draft tokens its source offered (fewer than ``drafted`` when
+                a candidate was short); ``None``: ``drafted``.
         """
-        hits = trials = 0.0
-        for row, count, useful in zip(rows, accepted, informative):
-            if drafted and useful:
-                tried = min(count + 1, drafted)
-                self.hits[row] = self.hits[row] * FADE + count
-                self.trials[row] = self.trials[row] * FADE + tried
-                hits, trials = hits + count, trials + tried
-            else:
-                self.hits[row] *= IDLE_FADE
-                self.trials[row] *= IDLE_FADE
-        if trials:  # the model's rate, over all rows: one fade per forward
-            memory = self.memory
-            memory.hits, memory.trials = memory.hits * FADE + hits, memory.trials * FADE + trials
+        memory_reached = self.memory.reached[self.reached.shape[2]]
+        memory_rejected = self.memory.rejected[self.reached.shape[2]]
+        faded = set()
+        for i, (row, count, useful) in enumerate(zip(rows, accepted, informative)):
+            source = picks[i] if picks is not None else MODEL
+            offered = min(lengths[i], drafted) if lengths is not None else drafted
+            if offered and useful:
+                count = min(count, offered)
+                tried = min(count + 1, offered)
+                self.reached[row, source] *= FADE
+                self.rejected[row, source] *= FADE
+                self.reached[row, source, :tried] += 1.0
+                if source not in faded:  # the model's curve: one fade per forward that tested the source
+                    memory_reached[source] *= FADE
+                    memory_rejected[source] *= FADE
+                    faded.add(source)
+                memory_reached[source, :tried] += 1.0
+                if count < offered:
+                    self.rejected[row, source, count] += 1.0
+                    memory_rejected[source, count] += 1.0
+                self.tested[row, source] += tried
+                self.confirmed[row, source] += count
+            if not (offered and useful) or source != MODEL:  # the model's drafts untested: fade toward the prior
+                self.reached[row, MODEL] *= IDLE_FADE
+                self.rejected[row, MODEL] *= IDLE_FADE
 
     # --- the decision -------------------------------------------------------------
 
@@ -181,42 +234,109 @@ class DraftPolicy:
         """
         return not self.adaptive or self.steps > 2
 
-    def rate(self, row: int) -> float:
-        """Row ``row``'s estimated chance that a draft token is confirmed."""
-        return (self.hits[row] + PRIOR) / (self.trials[row] + 1.0)
+    def expected(self, rows: list[int]) -> np.ndarray:
+        """``[rows, source, max_draft + 1]``: expected confirmed tokens of a draft of each length.
 
-    def choose(self, rows: list[int], remaining: list[int]) -> int:
+        The Kaplan-Meier survival curve of each row and source (its own faded
+        evidence, plus the model's curve as ``REMEMBERED`` forwards of it),
+        summed over the positions.
+        """
+        reached, rejected = self.reached[rows], self.rejected[rows]
+        hazard = (rejected + REMEMBERED * self.prior) / (reached + REMEMBERED)
+        survival = np.cumprod(1.0 - np.minimum(hazard, 1.0), axis=-1)
+        return np.concatenate([np.zeros(survival.shape[:2] + (1,)), np.cumsum(survival, axis=-1)], axis=-1)
+
+    def rate(self, row: int, source: int = MODEL) -> float:
+        """Row ``row``'s estimated chance that the first draft token of ``source`` is confirmed."""
+        return float(self.expected([row])[0, source, 1])
+
+    def useless(self, row: int, source: int) -> bool:
+        """Whether ``source`` was measured useless for ``row``: a text source that had its chance.
+
+        The model's own drafts are never ruled out: the length decision weighs
+        them each forward, and a row whose guesses turn good is tried again.
+        """
+        tested = self.tested[row, source]
+        return source != MODEL and tested >= USELESS_TRIALS and self.confirmed[row, source] < USELESS_RATE * tested
+
+    def pick(
+        self, rows: list[int], offers: list[list], guesses: list[int] | None = None
+    ) -> tuple[list[int], list[int]]:
+        """Per active row, the source whose candidate to verify, and that candidate's length.
+
+        Among the sources with a candidate for the row and not measured useless
+        for it, the one with the most expected confirmed tokens (at the
+        candidate's length); ties go to the text sources (the model's drafts are
+        the fallback).
+
+        Args:
+            rows: original indices of the active rows.
+            offers: per row, per source, the candidate (``None``: none); the model's slot is ignored.
+            guesses: per row, how many of the model's own draft tokens are guesses (the rest are
+                placeholders); ``None``: ``max_draft``.
+
+        Returns:
+            ``(picks, lengths)``: the source per row, and its candidate's length (``max_draft`` for the model).
+        """
+        expected = self.expected(rows)
+        picks, lengths = [], []
+        for i, (row, offer) in enumerate(zip(rows, offers)):
+            best, length = MODEL, self.max_draft
+            most = expected[i, MODEL, self.max_draft if guesses is None else min(guesses[i], self.max_draft)]
+            for source in range(len(SOURCES) - 1, MODEL, -1):
+                candidate = offer[source]
+                if candidate is not None and not self.useless(row, source):
+                    gain = expected[i, source, min(len(candidate), self.max_draft)]
+                    if gain >= most:
+                        best, most, length = source, gain, len(candidate)
+            picks.append(best)
+            lengths.append(length)
+        return picks, lengths
+
+    def choose(
+        self, rows: list[int], remaining: list[int], picks: list[int] | None = None, lengths: list[int] | None = None
+    ) -> int:
         """The draft length of the next forward for the active ``rows``.
 
         Args:
             rows: original indices of the active rows.
             remaining: tokens each of them may still generate.
+            picks: per row, the source of its draft (from :meth:`pick`; ``None``: the model's own).
+            lengths: per row, its candidate's length (``None``: ``max_draft``).
         """
         longest = min(self.max_draft, max(remaining) - 1)
         if longest <= 0:
             return 0
         if not self.adaptive:
             return longest
-        # calibration: the prefill drafts a short block (predictions for the next step
-        # to verify), one step times a short draft, one times no draft
-        if self.calibrating and self.steps <= 1:
+        # calibration: the prefill drafts a short block (predictions for the next step to verify),
+        # one step times the longest draft (shorter ones are then interpolated: extrapolating
+        # from a short one magnifies its noise), one times no draft
+        if self.calibrating and self.steps == 0:
             return min(longest, PROBE)
+        if self.calibrating and self.steps == 1:
+            return longest
         if self.calibrating and self.steps == 2:
             return 0
+        picks = picks or [MODEL] * len(rows)
+        only_model = not any(picks)
         left, held_rows = self._held
-        if left > 0 and held_rows == len(rows):  # not drafting is cheap to keep deciding: decide less often
+        if left > 0 and held_rows == len(rows) and only_model:  # not drafting is cheap to keep deciding
             self._held = (left - 1, held_rows)
             return 0
-        k = self._decide(rows, remaining, longest)
-        self._held = (HOLD - 1, len(rows)) if k == 0 else (0, 0)
+        k = self._decide(rows, remaining, longest, picks, lengths)
+        self._held = (HOLD - 1, len(rows)) if k == 0 and only_model else (0, 0)
         return k
 
-    def _decide(self, rows: list[int], remaining: list[int], longest: int) -> int:
+    def _decide(self, rows, remaining, longest, picks, lengths) -> int:
         ks = self.candidates[: np.searchsorted(self.candidates, longest, side="right")]
-        rates = np.array([min(self.rate(r), 0.999) for r in rows])[:, None]
-        left = np.array(remaining, dtype=np.float64)[:, None]
+        curves = self.expected(rows)[np.arange(len(rows)), picks]  # [rows, max_draft + 1]
+        left = np.array(remaining)[:, None]
         j = np.minimum(ks[None, :], left - 1)  # [rows, candidates]
-        expected = rates * (1.0 - rates**j) / (1.0 - rates)
+        if lengths is not None:  # a short candidate confirms at most its own tokens
+            j = np.minimum(j, np.array(lengths)[:, None])
+        expected = np.take_along_axis(curves, j, axis=1)
+        left = left.astype(np.float64)
         if len(rows) == 1:  # tokens per second
             total = (left / (1.0 + expected))[0] * self.cost(ks + 1)
         else:

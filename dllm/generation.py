@@ -10,7 +10,10 @@ Two modes share one engine (the contract is in ``docs/method.md``):
   exact token, so the output is exactly greedy (or sampled) next-token
   decoding, with fewer forwards when the drafts are good. The draft length
   adapts per forward to the measured acceptance and the measured cost of a
-  longer forward (``dllm.drafting``), down to plain one-token decoding.
+  longer forward (``dllm.drafting``), down to plain one-token decoding. The
+  draft's tokens come from the model's own guesses, from an earlier occurrence
+  of the last committed tokens in the text, or from recycled n-grams
+  (``dllm.draft_sources``); the loop is ``dllm.draft_jacobi``.
 
 The rows share one column axis with masked holes where they committed different
 numbers of tokens (``dllm.batch``, which also keeps sliding windows exact);
@@ -35,6 +38,8 @@ from typing import Literal
 import torch
 
 from dllm.batch import Batch, attention_layout, warn_one_row
+from dllm.draft_jacobi import jacobi_loop
+from dllm.draft_sources import DraftSources, parse_sources
 from dllm.drafting import DraftPolicy, memory_of
 from dllm.rank_sync import RankSync, distributed
 from dllm.sampling import Sampler, draw_seed, filter_logits, prompt_keys, top_candidates
@@ -192,6 +197,7 @@ def iterative_generate(
     sample_keys: Sequence[int] | None = None,
     use_cache: bool = True,
     adaptive_draft: bool = True,
+    draft_sources: str | Sequence[str] = "all",
     sync_ranks: bool = False,
     trace: Callable[[TraceStep], None] | None = None,
     return_dict: bool = False,
@@ -221,6 +227,12 @@ def iterative_generate(
         use_cache: reuse the committed prefix's KV cache (same tokens either way).
         adaptive_draft: jacobi: choose each draft length from 0 to N by measured
             acceptance and measured forward cost; ``False`` always drafts N.
+        draft_sources: jacobi: where drafts come from besides the model's own guesses
+            (``dllm.draft_sources``): ``"all"`` (default), ``"none"``, or a comma list or
+            sequence of ``"ngram"`` (continuation of an earlier occurrence of the last
+            committed tokens in the prompt and the text so far) and ``"pool"`` (n-grams
+            recycled from earlier forwards' predictions and rejected drafts). Per row and
+            forward the policy verifies the candidate with the best measured acceptance.
         sync_ranks: under ``torch.distributed``, keep calling forward on a dummy
             row until every rank is done (FSDP / DeepSpeed ZeRO-3, where each
             forward is a collective). No effect without an initialised process group.
@@ -246,6 +258,7 @@ def iterative_generate(
         top_p,
         sample_keys,
     )
+    sources = parse_sources(draft_sources)
     pad = eos_ids[0] if pad_token_id is None else pad_token_id
     rows, width = input_ids.shape
     prompt_lengths = attention_mask.sum(-1).tolist()
@@ -262,6 +275,7 @@ def iterative_generate(
         n=add_eos_length,
         r=refine_iter,
         adaptive=adaptive_draft,
+        sources=sources,
         sync=sync,
     )
 
@@ -319,7 +333,8 @@ def _decode(model, input_ids, attention_mask, budgets, keys, use_cache, layout, 
         clock = time.process_time if input_ids.device.type == "cpu" else time.perf_counter
         memory = memory_of(model, input_ids.device, model.dtype) if settings["adaptive"] else None
         policy = DraftPolicy(settings["n"], len(budgets), settings["adaptive"], clock, memory)
-        _jacobi_loop(run, settings["n"], policy)
+        texts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+        jacobi_loop(run, settings["n"], policy, DraftSources(settings["sources"], texts, settings["n"]))
     run.num_forwards = batch.num_forwards
     return run
 
@@ -420,67 +435,3 @@ def _trace_refine(run, logits, draft, block, previous, k, block_index, round_ind
         logits, k, mode="refine", block=block_index, round=round_index, draft=draft[0, : k - 1].tolist(),
         tokens=tokens, changed=[t != p for t, p in zip(tokens, before)],
     )  # fmt: skip
-
-
-def _jacobi_loop(run: _Run, add_eos_length: int, policy: DraftPolicy) -> None:
-    """Verify a draft each forward; commit the confirmed prefix + 1."""
-    batch, placeholder = run.batch, run.placeholder
-    # each row's next draft: its unconfirmed predictions, then placeholders
-    pending = batch.ids.new_full((len(batch.rows), add_eos_length), placeholder)
-    predicted = [0] * len(batch.rows)  # leading predictions in each row's pending draft
-    step = 0
-    while batch.rows:
-        remaining = run.remaining()
-        b = len(batch.rows)
-        k = policy.choose(batch.rows, remaining)
-        policy.started(b * (k + 1), timed=step > 0)  # the prefill is not a decode step
-        draft = pending[:, :k]
-        tokens, logits = run.forward_and_pick(draft)  # [b, k + 1]
-        if k:
-            accepted = (draft == tokens[:, :k]).long().cumprod(-1).sum(-1)  # confirmed prefix per row
-            counts_accepted = confirmed = accepted.tolist()
-            if not policy.holes_ok():  # commit what every row confirmed; the rest stays in the drafts
-                accepted = accepted.clamp(max=min(confirmed))
-                counts_accepted = [min(confirmed)] * b
-        else:
-            accepted, counts_accepted = None, [0] * b
-            confirmed = counts_accepted
-        policy.accepted(batch.rows, k, confirmed, [p > 0 for p in predicted])
-        if run.tracing():
-            draft0, tokens0 = draft[0].tolist(), tokens[0].tolist()
-            run.emit(
-                logits, k + 1, mode="jacobi", block=step, round=0, draft=draft0, tokens=tokens0,
-                changed=[t != d for t, d in zip(tokens0, draft0)] + [True], accepted=counts_accepted[0],
-            )  # fmt: skip
-        going = run.accept(tokens, [min(a + 1, r) for a, r in zip(counts_accepted, remaining)])
-        # Columns: the confirmed draft tokens (already cached), holes for rows that
-        # confirmed fewer, then each row's new exact token, fed on the next forward.
-        most, start = max(counts_accepted), batch.width
-        batch.commit_draft(most, accepted if min(counts_accepted) < most else None)
-        batch.commit(tokens.gather(1, accepted[:, None]) if k else tokens)
-        batch.rollback(start + most)  # the rejected draft columns
-        pending, predicted = _next_drafts(run, pending, predicted, tokens, accepted, k)
-        policy.finished()
-        step += 1
-        if not bool(going.all()):
-            batch.keep(going)
-            pending = pending[going]
-            predicted = [p for p, g in zip(predicted, going.tolist()) if g]
-
-
-def _next_drafts(run: _Run, pending, predicted: list[int], tokens, accepted, k: int):
-    """Each row's next draft, and how many of its leading tokens are predictions.
-
-    After a draft of ``k``: the predictions after the row's new token, then
-    placeholders. After no draft: the old draft minus its first token (the
-    guess for the position just committed).
-    """
-    if k:
-        steps = torch.arange(pending.size(1), device=tokens.device)[None, :]
-        index = accepted[:, None] + 1 + steps
-        pending = torch.where(index <= k, tokens.gather(1, index.clamp(max=k)), run.placeholder)
-        return pending, [k - a for a in accepted.tolist()]
-    if pending.size(1) and any(predicted):
-        pending = torch.cat([pending[:, 1:], torch.full_like(pending[:, :1], run.placeholder)], dim=1)
-        predicted = [max(p - 1, 0) for p in predicted]
-    return pending, predicted

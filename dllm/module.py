@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, SumMetric
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from dllm.draft_sources import parse_sources
 from dllm.errors import UserError
 from dllm.generation import iterative_generate
 from dllm.lora import LoraSettings, add_lora
@@ -50,6 +51,12 @@ class GenerationSettings:
         use_cache: reuse the KV cache of the committed prefix.
         adaptive_draft: jacobi: choose each row's draft length (0 to N) from the measured acceptance and the
             measured cost of a longer forward; false always drafts N.
+        draft_sources: jacobi: where drafts come from besides the model's own guesses: ``"all"`` (default),
+            ``"none"``, or a comma list of ``ngram`` (the continuation of the latest earlier occurrence of the
+            last committed tokens in the prompt and the answer: a few dict look-ups per row and forward) and
+            ``pool`` (n-grams recycled from earlier forwards' predictions and rejected drafts: one look-up, two
+            insertions). Per row and forward the candidate with the most expected confirmed tokens is
+            verified; the output never changes, only the forwards. Refine mode ignores it.
         trace: print the refinement of each batch's first prompt: per block and round (jacobi: per forward)
             the decoded tokens, which changed, and the top-3 candidates with their probabilities.
     """
@@ -65,6 +72,7 @@ class GenerationSettings:
     seed: int = 0
     use_cache: bool = True
     adaptive_draft: bool = True
+    draft_sources: str = "all"
     trace: bool = False
 
     def __post_init__(self) -> None:
@@ -82,6 +90,10 @@ class GenerationSettings:
         for name, (ok, expected) in checks.items():
             if not ok:
                 raise UserError(f"model.generation.{name} must be {expected}, got {getattr(self, name)!r}")
+        try:
+            parse_sources(self.draft_sources)
+        except ValueError as error:
+            raise UserError(f"model.generation.{error}") from None
 
     def recorded(self) -> dict:
         """The settings a prediction record stores: all but ``trace``, which only prints."""

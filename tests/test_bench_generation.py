@@ -47,3 +47,24 @@ def test_bench_generation_quick(tmp_path: Path) -> None:
     assert [c["new_tokens"] for c in cache] == [32, 64]
     assert all(c["speedup"] > 0 for c in cache)
     assert "real" not in report
+
+
+def test_grounded_section_configs_and_plot(tmp_path: Path) -> None:
+    """The input-grounded section (it needs the real model, so only its configs and its plot run here)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import generation as bench
+
+    configs = bench.grounded_configs([1, 8], 64)
+    labels = {(c.batch, c.label) for c in configs}
+    assert (1, "hf prompt lookup 10") in labels and (8, "hf prompt lookup 10") not in labels  # HF: batch 1 only
+    for batch in (1, 8):
+        for sources in bench.GROUNDED_SOURCES:
+            assert (batch, f"jacobi N=15 adaptive sources={sources}") in labels
+    assert len(bench.GROUNDED_PROMPTS) >= 12
+    rows = [
+        {"batch": c.batch, "label": c.label, "method": c.method, "ratio_to_hf": 1.0 + i / 10, "matches_hf": True}
+        for i, c in enumerate(configs)
+    ]
+    png = tmp_path / "g.png"
+    bench.plot_grounded(rows, png)
+    assert png.read_bytes()[:4] == b"\x89PNG"

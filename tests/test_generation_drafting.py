@@ -19,15 +19,23 @@ def calibrated(max_draft: int, rows: int, times: dict[int, float]) -> DraftPolic
     return policy
 
 
+def set_model_rates(policy: DraftPolicy, hits: list[float], trials: list[float]) -> None:
+    """Give each row's model-source drafts ``trials`` forwards of evidence that a draft token is confirmed
+    with chance ``hits / trials`` at every position (a geometric survival curve)."""
+    for row, (h, t) in enumerate(zip(hits, trials)):
+        policy.reached[row, drafting.MODEL] = t
+        policy.rejected[row, drafting.MODEL] = t - h
+
+
 def test_dear_drafts_that_are_rarely_right_are_not_drafted():
     policy = calibrated(7, 1, {1: 1.0, 8: 1.7})  # an 8-token forward costs 1.7 one-token forwards
-    policy.hits, policy.trials = [0.5], [20.0]  # ~5% of draft tokens confirmed
+    set_model_rates(policy, [0.5], [20.0])  # ~5% of draft tokens confirmed
     assert policy.choose([0], [100]) == 0
 
 
 def test_cheap_drafts_that_are_right_are_drafted_long():
     policy = calibrated(7, 1, {1: 1.0, 8: 1.05})
-    policy.hits, policy.trials = [18.0], [20.0]
+    set_model_rates(policy, [18.0], [20.0])
     assert policy.choose([0], [100]) == 7
     assert policy.choose([0], [4]) == 3  # never past the budget
 
@@ -35,7 +43,7 @@ def test_cheap_drafts_that_are_right_are_drafted_long():
 def test_the_length_balances_acceptance_against_cost():
     """Cost linear in the tokens of the forward: at a 60% rate the best draft is short but not zero."""
     policy = calibrated(15, 1, {1: 1.0, 16: 2.5})  # +0.1 per draft token
-    policy.hits, policy.trials = [12.0], [20.0]
+    set_model_rates(policy, [12.0], [20.0])
     k = policy.choose([0], [100])
     speeds = {j: (1 + sum(0.6**i for i in range(1, j + 1))) / (1 + 0.1 * j) for j in range(16)}
     assert 1 <= k <= 4 and speeds[k] >= max(speeds.values()) * 0.99
@@ -45,16 +53,16 @@ def test_a_batch_drafts_for_its_slowest_row():
     """The batch ends when its slowest row does: drafting that only helps a fast row is not worth a dearer forward."""
     costs = {2: 1.0, 16: 1.3}
     mixed = calibrated(7, 2, costs)
-    mixed.hits, mixed.trials = [19.0, 0.0], [20.0, 20.0]  # one row always right, one never
+    set_model_rates(mixed, [19.0, 0.0], [20.0, 20.0])  # one row always right, one never
     assert mixed.choose([0, 1], [50, 50]) == 0
     both = calibrated(7, 2, costs)
-    both.hits, both.trials = [19.0, 15.0], [20.0, 20.0]
+    set_model_rates(both, [19.0, 15.0], [20.0, 20.0])
     assert both.choose([0, 1], [50, 50]) > 0
 
 
 def test_a_silent_row_drifts_back_to_trying():
     policy = calibrated(7, 1, {1: 1.0, 8: 1.3})
-    policy.hits, policy.trials = [0.0], [20.0]
+    set_model_rates(policy, [0.0], [20.0])
     assert policy.choose([0], [500]) == 0
     for _ in range(300):  # forwards without a draft: the evidence fades toward the prior
         policy.accepted([0], 0, [0], [False])
@@ -114,7 +122,7 @@ def test_free_drafts_are_drafted_in_full_exactly(models, arch, monkeypatch):
         longest.append(min(5, 60 - done - 1))
         done += step.accepted + 1
     lengths = [len(s.draft) for s in steps]
-    assert lengths[:3] == [3, 3, 0]  # calibration: the prefill's short draft, then the cost of one and of none
+    assert lengths[:3] == [3, 5, 0]  # calibration: the prefill's short draft, then the cost of the longest and of none
     # free drafts: all or nothing (nothing only while the row's rate cannot promise the margin)
     assert all(k in (0, most) for k, most in zip(lengths[3:], longest[3:]))
     assert lengths.count(5) > len(lengths) // 2  # mostly the longest
@@ -135,13 +143,13 @@ def test_a_later_call_on_the_same_model_skips_the_calibration(models, monkeypatc
         )  # fmt: skip
         assert torch.equal(out.sequences, expected)
         calls.append([len(s.draft) for s in steps])
-    assert calls[0][:3] == [3, 3, 0]  # calibration: a short draft, then the cost of one and of none
+    assert calls[0][:3] == [3, 5, 0]  # calibration: a short draft, then the cost of the longest and of none
     assert calls[1][0] == 5  # calibrated: free drafts are drafted in full from the first forward
     drafting.forget()
     steps = []
     iterative_generate(model, ids, mask, eos_token_id=EOS, add_eos_length=5, mode="jacobi", max_new_tokens=40,
                        trace=steps.append)  # fmt: skip
-    assert [len(s.draft) for s in steps][:3] == [3, 3, 0]
+    assert [len(s.draft) for s in steps][:3] == [3, 5, 0]
 
 
 def test_the_memory_is_per_model_device_and_dtype(models):

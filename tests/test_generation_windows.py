@@ -21,6 +21,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+import dllm.draft_jacobi as draft_jacobi
 import dllm.generation as generation
 from dllm import iterative_generate
 from dllm.batch import attention_layout
@@ -151,11 +152,11 @@ def test_forced_holes_inside_the_window_keep_every_row_exact(windowed, arch, use
     model = windowed[arch]
     ids, mask = prompts(LENGTHS)
     truth = hf_alone(model, ids, LENGTHS, NEW + 8)
-    monkeypatch.setattr(generation, "_next_drafts", oracle_drafts(truth, [5, 2, 0]))
+    monkeypatch.setattr(draft_jacobi, "_next_drafts", oracle_drafts(truth, [5, 2, 0]))
     spy = CommitSpy(monkeypatch)
     out = iterative_generate(
         model, ids, mask, eos_token_id=EOS, pad_token_id=0, add_eos_length=6, mode="jacobi", max_new_tokens=NEW,
-        use_cache=use_cache, adaptive_draft=False, return_dict=True,
+        use_cache=use_cache, adaptive_draft=False, draft_sources="none", return_dict=True,
     )  # fmt: skip
     assert generated_rows(out, ids.size(1)) == [t[:NEW] for t in truth]
     assert [5, 2, 0] in spy.counts  # the holes really happened
@@ -167,11 +168,11 @@ def test_forced_holes_break_a_window_counted_in_columns(windowed, monkeypatch):
     model = windowed["mistral"]
     ids, mask = prompts(LENGTHS)
     truth = hf_alone(model, ids, LENGTHS, NEW + 8)
-    monkeypatch.setattr(generation, "_next_drafts", oracle_drafts(truth, [5, 2, 0]))
+    monkeypatch.setattr(draft_jacobi, "_next_drafts", oracle_drafts(truth, [5, 2, 0]))
     monkeypatch.setattr(generation, "attention_layout", lambda model: ("plain", None, False))
     out = iterative_generate(
         model, ids, mask, eos_token_id=EOS, pad_token_id=0, add_eos_length=6, mode="jacobi", max_new_tokens=NEW,
-        use_cache=False, adaptive_draft=False, return_dict=True,
+        use_cache=False, adaptive_draft=False, draft_sources="none", return_dict=True,
     )  # fmt: skip
     assert generated_rows(out, ids.size(1)) != [t[:NEW] for t in truth]
 
