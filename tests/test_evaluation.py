@@ -127,7 +127,8 @@ def lms(tiny):
     args = {"dtype": "float64", "device": "cpu", "add_bos_token": False, "batch_size": 3}
     return {
         "hf": HFLM(pretrained=str(tiny["hf"]), **args),
-        "jacobi": DLLM(pretrained=str(tiny["hf"]), mode="jacobi", add_eos_length=3, **args),
+        # fixed drafts: adaptive ones follow measured timings, and the forward counts below with them
+        "jacobi": DLLM(pretrained=str(tiny["hf"]), mode="jacobi", add_eos_length=3, adaptive_draft=False, **args),
         "refine": DLLM(pretrained=str(tiny["hf"]), mode="refine", add_eos_length=3, refine_iter=1, **args),
     }
 
@@ -145,24 +146,29 @@ def first_at(text: str, start: int, length: int) -> str:
 
 @pytest.mark.parametrize("mode", ["jacobi", "refine"])
 def test_stop_strings_cut_where_hf_cuts(lms, mode):
-    """A stop string inside a 4-token block (characters 5-6) and one across two blocks (6-9) cut the text
-    before it, as lm-eval's hf does; only the tokens up to the stop count as generated."""
+    """Stop strings inside a 4-token block (characters 5-6), across two blocks (6-9) and across the
+    engine's first two rounds (30-33) cut the text before them, as lm-eval's hf does; only the tokens
+    up to the stop count as generated, and generation stops early."""
     lm = lms[mode]
-    full = generate(lm, CONTEXTS, [])
+    full = generate(lm, CONTEXTS, [], max_gen_toks=80)
     row = max(range(len(full)), key=lambda i: len(full[i]))
     text = full[row]
-    assert len(text) == 32, text
-    for start, length in [(5, 2), (6, 4)]:
+    assert len(text) == 80, text
+    generate(lm, [CONTEXTS[row]], [], max_gen_toks=80)
+    uncut_forwards = METER.tasks["stops"].forwards
+    for start, length in [(5, 2), (6, 4), (30, 4)]:
         stop = first_at(text, start, length)
         cut = text[: text.find(stop)]
-        got = generate(lm, CONTEXTS, [stop, "never"])
+        got = generate(lm, CONTEXTS, [stop, "never"], max_gen_toks=80)
         assert got[row] == cut and len(cut) < len(text)
         assert got == [t.split(stop)[0] for t in full]
         if mode == "jacobi":  # exactly lm-eval's hf, which stops generating there
-            assert got == generate(lms["hf"], CONTEXTS, [stop, "never"])
-        # hf's stop criterion fires once the stop string's last token is out
-        counts = generate(lm, [CONTEXTS[row]], [stop]) and METER.tasks["stops"]
-        assert counts.generated_tokens == text.find(stop) + length
+            assert got == generate(lms["hf"], CONTEXTS, [stop, "never"], max_gen_toks=80)
+        generate(lm, [CONTEXTS[row]], [stop], max_gen_toks=80)
+        counts = METER.tasks["stops"]
+        assert counts.generated_tokens == text.find(stop) + length  # hf stops once the stop string is out
+        if start + length <= 32:  # the engine stops too, at the end of its first round (32 tokens)
+            assert counts.forwards < uncut_forwards
 
 
 def test_bad_model_args_key_is_one_error_line(tiny, capsys):

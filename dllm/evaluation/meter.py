@@ -137,7 +137,7 @@ def instrument_hf() -> Iterator[None]:
         eos_ids = hf_stop_ids(self)
         counts = METER.current
         for row in out[:, context.shape[1] :].tolist():
-            tokens = stop_point(row, stop, eos_ids, self.tokenizer)
+            tokens = stop_point(row, stop, eos_ids, self.tokenizer) or len(row)
             counts.generated_tokens += tokens
             counts.row_forwards += tokens  # one token per forward
         counts.forwards += len(calls)
