@@ -171,6 +171,25 @@ def test_stop_strings_cut_where_hf_cuts(lms, mode):
             assert counts.forwards < uncut_forwards
 
 
+def test_sampling_is_seeded_per_prompt_across_batches_and_rounds(tiny):
+    """temperature from --model_args samples; a prompt's sample depends on the seed, not on its batch,
+    also after a stop string made the engine go on in a second round (past 32 tokens)."""
+    args = {"dtype": "float64", "device": "cpu", "batch_size": 3, "mode": "jacobi", "add_eos_length": 3}
+    samples = {}
+    for seed in range(1, 6):  # samples stop at EOS often: find seeds whose sample outlives the first round
+        lm = DLLM(pretrained=str(tiny["hf"]), temperature=0.7, seed=seed, **args)
+        samples[seed] = generate(lm, CONTEXTS, ["never"], max_gen_toks=60)
+        if max(len(text) for text in samples[seed]) > 32:
+            break
+    assert max(len(text) for text in samples[seed]) > 32
+    assert [generate(lm, [context], ["never"], max_gen_toks=60)[0] for context in CONTEXTS] == samples[seed]
+    greedy = generate(DLLM(pretrained=str(tiny["hf"]), **args), CONTEXTS, ["never"], max_gen_toks=60)
+    other = samples.get(seed - 1) or generate(
+        DLLM(pretrained=str(tiny["hf"]), temperature=0.7, seed=seed + 1, **args), CONTEXTS, ["never"], 60
+    )
+    assert samples[seed] != greedy and samples[seed] != other
+
+
 def test_bad_model_args_key_is_one_error_line(tiny, capsys):
     status = main(["--model", "dllm", "--model_args", f"pretrained={tiny['hf']},refine_iters=3", "--tasks", TASK,
                    "--device", "cpu", "--limit", "1"])  # fmt: skip

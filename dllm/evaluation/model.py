@@ -217,8 +217,8 @@ class DLLM(HFLM):
                 f"generation kwarg {extra[0]}={kwargs[extra[0]]!r}: --model dllm cannot honour it "
                 f"(it takes until, max_gen_toks, max_length, {', '.join(REQUEST_SAMPLING)})"
             )
-        sampling = {
-            "temperature": float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0.0,
+        sampling = {  # do_sample without a temperature: generate()'s default, 1.0
+            "temperature": float(kwargs.get("temperature", 1.0)) if kwargs.get("do_sample") else 0.0,
             "top_k": kwargs.get("top_k") if kwargs.get("do_sample") else None,
             "top_p": kwargs.get("top_p") if kwargs.get("do_sample") else None,
         }
