@@ -1,0 +1,279 @@
+"""``--model dllm``: lm-eval's ``hf`` model whose ``generate_until`` runs the dllm engine.
+
+Everything but free-form generation is lm-eval's ``HFLM``: loading, tokenizing, truncation, chat templates
+and the log-likelihood requests (the model is an ordinary HF causal LM). ``generate_until`` batches the
+requests as ``hf`` does (per task, grouped by generation kwargs, longest first) and runs
+``iterative_generate`` with the settings from ``--model_args``; stop strings and ``max_gen_toks`` give
+the text ``hf`` gives (``dllm.evaluation.stops``), so greedy jacobi scores exactly as ``hf``.
+
+``--model_args`` keys: the generation settings of ``DLLM`` below, ``pretrained=`` (an HF folder or name)
+or ``ckpt_path=`` (a Lightning checkpoint of ``train.py``), and the keys of lm-eval's ``hf`` model
+(``dtype``, ``device``, ``max_length``, ``trust_remote_code``, ...). Any other key is an error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm import tqdm
+
+from dllm.errors import UserError
+from dllm.evaluation.meter import METER, hf_stop_ids, per_task
+from dllm.evaluation.stops import stop_point
+from dllm.generation import iterative_generate
+from dllm.sampling import prompt_keys
+
+# The generation settings a request's kwargs may carry (a task's ``generation_kwargs``, ``--gen_kwargs``);
+# anything else (``repetition_penalty``, ``num_beams``, ...) the engine cannot honour, and says so.
+REQUEST_SAMPLING = ("do_sample", "temperature", "top_k", "top_p")
+# With stop strings, the first round's tokens (then twice as many each round), see DLLM._generate_rows
+FIRST_ROUND = 32
+GOLDEN = 0x9E3779B97F4A7C15  # moves a sampling key on by the tokens a row wrote: another stream per round
+# lm-eval's ``hf`` arguments, and one that it passes on to ``from_pretrained``
+HF_ARGS = {name for name in inspect.signature(HFLM.__init__).parameters if name not in ("self", "kwargs")} | {
+    "attn_implementation"
+}
+
+
+@register_model("dllm")
+class DLLM(HFLM):
+    """An lm-eval model that generates with ``dllm.iterative_generate``.
+
+    Args:
+        pretrained: HF folder or name of the model (this or ``ckpt_path``).
+        ckpt_path: a Lightning checkpoint of ``train.py``: its model and tokenizer are evaluated.
+        mode: ``"jacobi"`` (lossless: exactly the greedy or sampled text of plain decoding, in fewer
+            forwards; the default, so a score is the model's own) or ``"refine"`` (block drafting).
+        add_eos_length: N, placeholders per block (a block yields N + 1 tokens); jacobi: the longest draft.
+        refine_iter: R, forwards per block in refine mode.
+        temperature: sampling temperature; ``None`` takes the request's (a task's ``generation_kwargs``,
+            ``--gen_kwargs``), as ``hf`` does; a number here wins over the request's.
+        top_k: as ``temperature``.
+        top_p: as ``temperature``.
+        seed: sampling seed (a prompt's sample does not depend on its batch).
+        use_cache: reuse the committed prefix's KV cache.
+        adaptive_draft: jacobi: choose each draft length (0 to N) from measured acceptance and cost.
+        add_bos_token: ``False`` (the default here) encodes prompts without special tokens, as dllm's
+            training and ``predict.py`` do; give ``hf`` the same (``add_bos_token=False``) to compare.
+        device: as ``hf``'s; default ``cuda`` when there is one, else ``cpu``.
+        dtype: as ``hf``'s (``float32``, ``bfloat16``, ``float64``, ...); also applied to a checkpoint.
+        **kwargs: lm-eval's ``hf`` arguments (``batch_size``, ``max_length``, ``trust_remote_code``, ...).
+
+    Raises:
+        UserError: on an unknown key, a bad value, a missing model, an unreadable checkpoint.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        ckpt_path: str | None = None,
+        mode: str = "jacobi",
+        add_eos_length: int = 15,
+        refine_iter: int = 2,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        use_cache: bool = True,
+        adaptive_draft: bool = True,
+        add_bos_token: bool | None = False,
+        device: str | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        **kwargs,
+    ) -> None:
+        unknown = sorted(set(kwargs) - HF_ARGS)
+        if unknown:
+            raise UserError(
+                f"--model_args {unknown[0]}: not an argument of --model dllm (generation: mode, add_eos_length, "
+                "refine_iter, temperature, top_k, top_p, seed, use_cache, adaptive_draft; the model: pretrained or "
+                "ckpt_path, and lm-eval's hf arguments such as dtype, device, max_length)"
+            )
+        if (pretrained is None) == (ckpt_path is None):
+            raise UserError("--model_args: give pretrained=<HF folder or name> or ckpt_path=<checkpoint>, one of them")
+        self.generation = _generation_settings(
+            mode=mode, add_eos_length=add_eos_length, refine_iter=refine_iter, temperature=temperature,
+            top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache, adaptive_draft=adaptive_draft,
+        )  # fmt: skip
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if ckpt_path is not None:
+            model, tokenizer = load_checkpoint(str(ckpt_path))
+            if dtype not in (None, "auto"):
+                model = model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+            kwargs.update(pretrained=model.to(device), tokenizer=kwargs.get("tokenizer") or tokenizer)
+        else:
+            kwargs.update(pretrained=pretrained, device=device, dtype=dtype)
+        super().__init__(add_bos_token=add_bos_token, **kwargs)
+        if self.backend != "causal":
+            raise UserError(f"--model dllm: {pretrained or ckpt_path} is not a causal LM (backend {self.backend!r})")
+        self.stop_ids = hf_stop_ids(self)
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        """Generate for lm-eval's requests, task by task (each task's tokens, forwards and time are measured)."""
+        if not isinstance(self.batch_size, int):
+            raise UserError(f"--batch_size {self.batch_size}: --model dllm needs a number")
+        bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0, desc="generate_until (dllm)")
+        results = per_task(requests, lambda part: self._generate_task(part, bar))
+        bar.close()
+        return results
+
+    def _generate_task(self, requests: list, bar: tqdm) -> list[str]:
+        """One task's requests in ``hf``'s batches: grouped by generation kwargs, the longest prompts first."""
+        collator = Collator(
+            [request.args for request in requests],
+            sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
+            group_by="gen_kwargs",
+            group_fn=lambda args: args[1],
+        )
+        texts = []
+        for chunk in collator.get_batched(n=self.batch_size):
+            contexts, all_kwargs = zip(*chunk)
+            for context, text in zip(contexts, self._generate_batch(list(contexts), all_kwargs[0])):
+                texts.append(text)
+                self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
+                bar.update(1)
+        return collator.get_original(texts)
+
+    def _generate_batch(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
+        """Encode, truncate and budget as ``hf``'s ``generate_until``; generate; cut where ``hf`` stops."""
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        eos_text = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+        max_gen_toks = kwargs.pop("max_gen_toks")
+        max_context = self.max_length - max_gen_toks
+        if max_context <= 0:
+            raise UserError(f"max_gen_toks={max_gen_toks} leaves no room for a prompt in max_length={self.max_length}")
+        ids, mask = self.tok_batch_encode(contexts, left_truncate_len=max_context, truncation=self.truncation)
+        max_new = kwargs.pop("max_length", ids.shape[1] + max_gen_toks) - ids.shape[1]  # hf: counts the padding
+        sampling = self._sampling(kwargs)
+        keys = prompt_keys(ids, mask) if sampling["temperature"] > 0 else None
+        prompts = [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+        # Only stop strings other than EOS need early looks; the engine stops at EOS itself.
+        rounds = any(stop and stop != eos_text for stop in until)
+        generated = self._generate_rows(prompts, keys, max_new, until, sampling, rounds)
+        METER.current.generated_tokens += sum(len(tokens) for tokens in generated)
+        return [self._text(tokens, until) for tokens in generated]
+
+    def _generate_rows(self, prompts, keys, max_new, until, sampling, rounds: bool) -> list[list[int]]:
+        """Each prompt's tokens, up to where ``hf`` would have stopped.
+
+        With stop strings, in rounds of growing length (``FIRST_ROUND`` tokens, then twice as many, ...,
+        each a whole number of blocks so refine's blocks stay where they would be): a row whose text
+        met a stop string leaves, the others go on from their prompt and what they wrote (one prefill
+        per round, the same tokens: greedy decoding is a function of the prefix). Without, one round.
+        """
+        settings, counts = self.generation, METER.current
+        block = settings["add_eos_length"] + 1
+        length = -(-FIRST_ROUND // block) * block if rounds else max_new
+        generated: list[list[int]] = [[] for _ in prompts]
+        active = list(range(len(prompts)))
+        while active:
+            budget = min(length, max_new - len(generated[active[0]]))  # active rows wrote the same number
+            ids, mask = self._left_padded([prompts[r] + generated[r] for r in active])
+            out = iterative_generate(
+                self.model, ids, mask,
+                eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+                add_eos_length=settings["add_eos_length"], refine_iter=settings["refine_iter"], mode=settings["mode"],
+                max_new_tokens=budget, max_length=int(mask.sum(-1).max()) + budget,
+                generator=torch.Generator(device=self.device).manual_seed(settings["seed"]),
+                # a row's random numbers: its prompt's key, moved on by what it wrote (a fresh stream per round)
+                sample_keys=[(keys[r] + len(generated[r]) * GOLDEN) % 2**64 for r in active] if keys else None,
+                use_cache=settings["use_cache"], adaptive_draft=settings["adaptive_draft"], return_dict=True,
+                **sampling,
+            )  # fmt: skip
+            counts.forwards += out.num_forwards
+            going = []
+            for i, row in enumerate(active):
+                counts.row_forwards += int(out.forwards[i])
+                generated[row] += out.sequences[i, ids.shape[1] : ids.shape[1] + int(out.new_tokens[i])].tolist()
+                end = stop_point(generated[row], until, self.stop_ids, self.tokenizer)
+                if end is not None:
+                    generated[row] = generated[row][:end]
+                elif len(generated[row]) < max_new:
+                    going.append(row)
+            active, length = going, 2 * length
+        return generated
+
+    def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(row) for row in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _sampling(self, kwargs: dict) -> dict:
+        """temperature / top_k / top_p: the request's, unless ``--model_args`` set them."""
+        extra = sorted(set(kwargs) - set(REQUEST_SAMPLING))
+        if extra:
+            raise UserError(
+                f"generation kwarg {extra[0]}={kwargs[extra[0]]!r}: --model dllm cannot honour it "
+                f"(it takes until, max_gen_toks, max_length, {', '.join(REQUEST_SAMPLING)})"
+            )
+        sampling = {  # do_sample without a temperature: generate()'s default, 1.0
+            "temperature": float(kwargs.get("temperature", 1.0)) if kwargs.get("do_sample") else 0.0,
+            "top_k": kwargs.get("top_k") if kwargs.get("do_sample") else None,
+            "top_p": kwargs.get("top_p") if kwargs.get("do_sample") else None,
+        }
+        for name in sampling:
+            if self.generation[name] is not None:
+                sampling[name] = self.generation[name]
+        return sampling
+
+    def _text(self, tokens: list[int], until: list[str]) -> str:
+        """The response text from the kept tokens, as ``hf``'s ``generate_until`` makes it."""
+        think = self.think_end_token
+        if isinstance(think, int) and think in tokens:
+            tokens = tokens[len(tokens) - tokens[::-1].index(think) :]
+        text = self.tok_decode(tokens)
+        if isinstance(think, int):
+            text = text.lstrip()
+        return postprocess_generated_text(text, until, think if isinstance(think, str) else None)
+
+
+def _generation_settings(**settings) -> dict:
+    """Check the generation settings from ``--model_args``, each error naming its key."""
+    types = {"mode": str, "add_eos_length": int, "refine_iter": int, "temperature": float, "top_k": int,
+             "top_p": float, "seed": int, "use_cache": bool, "adaptive_draft": bool}  # fmt: skip
+    for name, value in settings.items():
+        kind = types[name]
+        ok = value is None and name in ("temperature", "top_k", "top_p")
+        ok = ok or isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        ok = ok or kind is float and isinstance(value, int) and not isinstance(value, bool)
+        if not ok:
+            raise UserError(f"--model_args {name}={value!r}: expected {kind.__name__}")
+    checks = {
+        "mode": (settings["mode"] in ("refine", "jacobi"), "'refine' or 'jacobi'"),
+        "add_eos_length": (settings["add_eos_length"] >= 0, ">= 0"),
+        "refine_iter": (settings["refine_iter"] >= 1, ">= 1"),
+        "temperature": (settings["temperature"] is None or settings["temperature"] >= 0, ">= 0 (0 = greedy)"),
+        "top_k": (settings["top_k"] is None or settings["top_k"] >= 1, ">= 1"),
+        "top_p": (settings["top_p"] is None or 0 < settings["top_p"] <= 1, "in (0, 1]"),
+    }
+    for name, (ok, expected) in checks.items():
+        if not ok:
+            raise UserError(f"--model_args {name}={settings[name]!r}: must be {expected}")
+    return settings
+
+
+def load_checkpoint(path: str) -> tuple[torch.nn.Module, object]:
+    """The HF model (eval mode) and tokenizer inside a ``DLLMModule`` checkpoint."""
+    from dllm.module import DLLMModule  # Lightning: only for checkpoints
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--model_args ckpt_path={path}: no such file")
+    if not zipfile.is_zipfile(file):
+        raise UserError(f"--model_args ckpt_path={path}: not a torch checkpoint (truncated, or another file)")
+    try:
+        module = DLLMModule.load_from_checkpoint(file, map_location="cpu", weights_only=False)
+    except (KeyError, RuntimeError, pickle.UnpicklingError, TypeError) as e:
+        raise UserError(f"--model_args ckpt_path={path}: not a dllm checkpoint ({type(e).__name__}: {e})") from None
+    return module.model.eval(), module.tokenizer
