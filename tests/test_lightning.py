@@ -1,6 +1,8 @@
 """The Lightning package end to end on CPU: fit, resume, predict, export, configs, bad files."""
 
+import ast
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -16,6 +19,7 @@ from dllm.callbacks import HFExport
 from dllm.cli import DLLMCLI
 from dllm.data import DLLMDataModule
 from dllm.module import DLLMModule, GenerationSettings
+from dllm.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = {
@@ -262,3 +266,18 @@ def test_readme_demo_command_runs(tmp_path):
     noise = ["not recommended", "No seed found", "Tip:", "dirpath has changed", "LeafSpec", "0.00it/s", "tensorboardX",
              "Be aware that", "Writing model shards", "Traceback"]  # fmt: skip
     assert not [n for n in noise if n in output], output[-3000:]
+
+
+def test_readme_python_example_runs_and_asks_the_demo_task(tmp_path):
+    """The README's Python API example runs as written (on a tiny export where `make demo` puts its model),
+    and asks problems of the demo's task, the only ones the demo model can answer."""
+    (code,) = re.findall(r"## Python API\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    prompts = ast.literal_eval(re.search(r"for p in (\[[^\]]*\])", code).group(1))
+    task = TASKS[yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())["data"]["task"]]
+    operands = [re.fullmatch(r"(\d+)\+(\d+)=", p) for p in prompts]
+    assert prompts and all(operands), prompts
+    assert all(task.min_digits <= len(x) <= task.max_digits for m in operands for x in m.groups()), prompts
+    DLLMModule(model_config=SMALL_MODEL, tokenizer="byte").save_hf(str(tmp_path / "runs/tiny/hf"))
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(ast.literal_eval(result.stdout.splitlines()[-1])) == len(prompts)  # one response per prompt
