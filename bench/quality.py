@@ -90,6 +90,9 @@ FINETUNES: dict[str, dict] = {
     "sft-packed": {**STAGE2, **PACKED},
     # the same for half the steps (its own cosine schedule): the packed objective at half the recipe's time
     "sft-packed-half": {**STAGE2, **PACKED, "step_share": 0.5},
+    # tuning after the first run (docs/quality.md): the AR term weighted up, against the accuracy dip
+    "sft-packed-half-ar2": {**STAGE2, **PACKED, "ar_loss_weight": 2.0, "step_share": 0.5},
+    "sft-packed-half-ar3": {**STAGE2, **PACKED, "ar_loss_weight": 3.0, "step_share": 0.5},
 }
 
 MODEL = {  # ~0.18M parameters, Llama-shaped, byte vocabulary

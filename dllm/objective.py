@@ -5,6 +5,9 @@ next-token cross-entropy against the clean response; then feed the model's
 own (detached) greedy prediction back into the response and score again, for
 ``num_rounds`` rounds. The model learns to write a block of tokens from a
 context full of EOS placeholders, which is what block generation feeds it.
+``noise_schedule="packed"`` scores every block of every response in one forward
+per round instead (:mod:`dllm.packed`); the LM-head helpers live in
+:mod:`dllm.lm_head`.
 
 Pure PyTorch: no Lightning here, so the objective can be unit-tested and used
 from any training loop.
