@@ -45,7 +45,7 @@ from dllm.callbacks import LineProgress, PredictionWriter
 from dllm.data import DLLMDataModule
 from dllm.errors import UserError
 from dllm.module import DLLMModule, GenerationSettings
-from dllm.records import check_arguments
+from dllm.records import check_arguments, check_records
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # --ckpt_path values Lightning resolves itself (not files)
@@ -327,8 +327,9 @@ def _check_generation(model: Namespace) -> None:
 
 
 def _check_data(data: Namespace, stage: str) -> None:
-    """The data arguments' own checks (files exist, sources do not conflict), before the model loads."""
+    """The data arguments' own checks (files exist, sources do not conflict, records read), before the model loads."""
     check_arguments(data, stage)
+    check_records(data, stage)
 
 
 # ----------------------------------------------------------------------------

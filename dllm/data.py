@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from dllm import tasks as task_registry
 from dllm.errors import UserError
 from dllm.predictions import prompt_digest
-from dllm.records import INTERNAL_KEYS, Record, check_arguments, content_text, field, is_messages, read_records
+from dllm.records import INTERNAL_KEYS, Record, check_arguments, field, is_messages, prompt_of, read_records
 from dllm.strategies import forwards_are_collective
 from dllm.tokenizer import render_chat, response_text, same_tokenizer, tokenizer_fingerprint
 
@@ -80,13 +80,6 @@ def closed(tokenizer, response_ids: list[int], eos: bool = True) -> list[int]:
     if eos and (not response_ids or response_ids[-1] != tokenizer.eos_token_id):
         return [*response_ids, tokenizer.eos_token_id]
     return list(response_ids)
-
-
-def is_blank(prompt: str | list[dict]) -> bool:
-    """A prompt with no visible text: a blank string, or messages whose contents are all blank."""
-    if isinstance(prompt, str):
-        return not prompt.strip()
-    return all(not (content_text(m["content"]) or "").strip() for m in prompt)
 
 
 def record_id(record: Record, index: int) -> str:
@@ -309,10 +302,8 @@ class DLLMDataModule(L.LightningDataModule):
     def _example(self, record: Record, index: int, counts: dict[str, list[str]]) -> dict | str:
         """One tokenized training example, or the reason it is skipped; ``counts`` collects how ids were chosen."""
         hp, where = self.hparams, record["_where"]
-        prompt = field(record, hp.prompt_key, "data.prompt_key")
+        prompt = prompt_of(record, hp.prompt_key)
         response = field(record, hp.response_key, "data.response_key")
-        if is_blank(prompt):
-            raise UserError(f"{where}: empty prompt ({hp.prompt_key!r}); give it text or remove the record")
         cut = record.get("finish_reason") == "length"  # cut by the generation budget: no closing EOS
         prompt_text, opening = self._render(prompt, where)
         prompt_ids = encode(self.tokenizer, prompt_text)
@@ -493,9 +484,7 @@ class DLLMDataModule(L.LightningDataModule):
     def _prompt_item(self, record: Record, index: int) -> dict:
         """One prompt to predict: its ids, its reference, and the record's other fields to write back."""
         hp, where = self.hparams, record["_where"]
-        prompt = field(record, hp.prompt_key, "data.prompt_key")
-        if is_blank(prompt):
-            raise UserError(f"{where}: empty prompt ({hp.prompt_key!r}); give it text or remove the record")
+        prompt = prompt_of(record, hp.prompt_key)
         text, opening = self._render(prompt, where)
         prompt_ids = encode(self.tokenizer, text)
         if not prompt_ids or not text.strip():

@@ -247,6 +247,21 @@ def field(record: Record, key: str, argument: str) -> str | list[dict]:
     raise UserError(f"{record['_where']}: {key!r} must be a string or a list of {{'role', 'content'}} messages")
 
 
+def is_blank(prompt: str | list[dict]) -> bool:
+    """A prompt with no visible text: a blank string, or messages whose contents are all blank."""
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    return all(not (content_text(m["content"]) or "").strip() for m in prompt)
+
+
+def prompt_of(record: Record, key: str) -> str | list[dict]:
+    """``record[key]`` as a prompt (``field``); a prompt without visible text raises ``UserError``."""
+    prompt = field(record, key, "data.prompt_key")
+    if is_blank(prompt):
+        raise UserError(f"{record['_where']}: empty prompt ({key!r}); give it text or remove the record")
+    return prompt
+
+
 # ----------------------------------------------------------------------------
 # Checking arguments (before anything heavy loads)
 
@@ -272,6 +287,25 @@ def check_arguments(arguments: Mapping[str, Any], stage: str | None = None) -> N
         raise UserError("set data.train_file or data.task to train")
     if stage == "predict" and arguments.get("prompts_file") is None and arguments.get("prompt") is None:
         raise UserError("set data.prompts_file or data.prompt to predict")
+
+
+def check_records(arguments: Mapping[str, Any], stage: str) -> None:
+    """Read the stage's data files and check every record's prompt (and response), before the model loads.
+
+    A bad line (encoding, JSON, a missing key, a non-text message, an empty prompt) is then reported
+    before minutes of model loading; the DataModule reads the files again when it sets up.
+    """
+    prompt_key = arguments.get("prompt_key") or "prompt"
+    response_key = arguments.get("response_key") or "response"
+    names = {"predict": ["prompts_file"], "fit": ["train_file", "val_file"], "validate": ["train_file", "val_file"]}
+    for name in names.get(stage, []):
+        path = arguments.get(name)
+        if path is None:
+            continue
+        for record in read_records(path, text_key=prompt_key):
+            prompt_of(record, prompt_key)
+            if name != "prompts_file":
+                field(record, response_key, "data.response_key")
 
 
 def _check_files(arguments: Mapping[str, Any]) -> None:

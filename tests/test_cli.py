@@ -468,3 +468,22 @@ def test_exact_tokens_round_trip_from_predict_to_train_file_and_cut_answers_trai
     assert "training on the recorded token ids" not in caplog.text
     eos = cli.model.tokenizer.eos_token_id
     assert all(item["response_ids"][-1] == eos for item in cli.datamodule.train_set.items)
+
+
+@pytest.mark.parametrize(
+    "script, args, body, message",
+    [
+        ("predict.py", ["--config", "configs/predict-tiny.yaml", "--data.prompts_file", "p.txt"], b"1+1=\ncaf\xe9\n",
+         "error: p.txt:2: not UTF-8 text (byte offset 8: 0xe9)"),
+        ("train.py", ["fit", "--config", "configs/tiny.yaml", "--data.task", "null", "--data.train_file", "p.jsonl"],
+         b'{"prompt": "1", "response": "2"}\n{"prompt": " ", "response": "2"}\n', "error: p.jsonl:2: empty prompt"),
+    ],
+)  # fmt: skip
+def test_a_bad_data_file_is_one_line_before_the_model_loads(script, args, body, message, tmp_path):
+    """A model that cannot load (no such folder, no hub) shows the file's mistake was found first."""
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    (tmp_path / args[-1]).write_bytes(body)
+    result = run_script(script, *args, "--model.pretrained", "no/such-model")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-3000:]
