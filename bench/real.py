@@ -379,12 +379,15 @@ def main(argv: list[str] | None = None) -> int:
             res["speed"] = measure_speed(res["name"], res["path"], args, prompts)
     from transformers import AutoModelForCausalLM
 
-    base_model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
     held = encode(load_tokenizer(args.base), prompts[: args.num])
-    base_answers = results["base"]["hf"]["outputs"]
-    for res in [results["base"], *results["distilled"].values()]:
-        model = AutoModelForCausalLM.from_pretrained(res["path"], dtype=torch.float32).eval()
-        res["teacher_forced"] = teacher_forced(base_model, model, held, base_answers)
+    base_answers, base_model = results["base"]["hf"]["outputs"], None
+    for label, res in [("base", results["base"]), *results["distilled"].items()]:
+        if "teacher_forced" not in res:  # cached with the model's results (it depends on the base answers only)
+            base_model = base_model or AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_pretrained(res["path"], dtype=torch.float32).eval()
+            res["teacher_forced"] = teacher_forced(base_model, model, held, base_answers)
+            cache = json.loads((out_dir / "cache" / f"{label}.json").read_text())
+            (out_dir / "cache" / f"{label}.json").write_text(json.dumps({**cache, "results": res}))
         res["vs_base"] = agreement(res["hf"]["outputs"], base_answers)
     text = report(results, args)
     (out_dir / "real.md").write_text(text)
