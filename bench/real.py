@@ -330,6 +330,27 @@ def cached_evaluate(label: str, path: str, args, prompts: list[str], checks: lis
     return res
 
 
+def teacher_forced_report(base: dict, models: dict[str, str], args, prompts: list[str], out_dir: Path) -> int:
+    """``--teacher-forced-only``: KL(base || model) and argmax agreement of each model, printed and in JSON."""
+    from transformers import AutoModelForCausalLM
+
+    held = encode(load_tokenizer(args.base), prompts[: args.num])
+    base_model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
+    results = {}
+    for label, path in tqdm(models.items(), desc="teacher-forced"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        results[label] = teacher_forced(base_model, model, held, base["hf"]["outputs"])
+    lines = [
+        "| model | KL(base ‖ model), nats per token | teacher-forced argmax = base argmax | tokens |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {k} | {v['kl_nats_per_token']:.4f} | {v['argmax_agreement']:.1%} | {v['tokens']} |"
+              for k, v in results.items()]  # fmt: skip
+    (out_dir / "teacher_forced.json").write_text(json.dumps(results, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="models/smollm2-135m", help="HF folder of the base model")
@@ -350,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refine", default="7x2", help="refine N x R settings, comma-separated ('' = none)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (same for every method)")
     parser.add_argument("--train-steps", type=int, default=4, help="steps of the training timing (0 = skip)")
+    parser.add_argument(
+        "--teacher-forced-only",
+        action="store_true",
+        help="distilled models: only KL and argmax agreement on the base answers (minutes, not an hour)",
+    )
     parser.add_argument("--out-dir", default="bench/results/real")
     parser.add_argument("--_train-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
@@ -370,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_steps > 0:
         results["training"] = measure_training(args, out_dir)
     results["base"] = cached_evaluate("base", args.base, args, prompts, checks, out_dir)
+    if args.teacher_forced_only:
+        return teacher_forced_report(results["base"], dict(zip(labels, args.distilled)), args, prompts, out_dir)
     results["distilled"] = {
         label: cached_evaluate(label, path, args, prompts, checks, out_dir)
         for label, path in zip(labels, args.distilled)
