@@ -347,8 +347,29 @@ def teacher_forced_report(base: dict, models: dict[str, str], args, prompts: lis
     lines += [f"| {k} | {v['kl_nats_per_token']:.4f} | {v['argmax_agreement']:.1%} | {v['tokens']} |"
               for k, v in results.items()]  # fmt: skip
     (out_dir / "teacher_forced.json").write_text(json.dumps(results, indent=1))
+    plot_teacher_forced(results, out_dir / "teacher_forced.png")
     print("\n".join(lines))
     return 0
+
+
+def plot_teacher_forced(results: dict, out: Path) -> None:
+    """KL and argmax agreement of each model, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.bar(labels, [results[k]["kl_nats_per_token"] for k in labels])
+    left.axhline(0.05, color="gray", linestyle="--", label="target 0.05")
+    left.set(ylabel="nats per token", title="KL(base || model), teacher-forced")
+    left.legend(fontsize=7)
+    right.bar(labels, [results[k]["argmax_agreement"] for k in labels])
+    low = min([0.8] + [results[k]["argmax_agreement"] - 0.05 for k in labels])
+    right.set(ylim=(max(low, 0.0), 1.0), title="teacher-forced argmax = base argmax")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
