@@ -330,6 +330,48 @@ def cached_evaluate(label: str, path: str, args, prompts: list[str], checks: lis
     return res
 
 
+def teacher_forced_report(base: dict, models: dict[str, str], args, prompts: list[str], out_dir: Path) -> int:
+    """``--teacher-forced-only``: KL(base || model) and argmax agreement of each model, printed and in JSON."""
+    from transformers import AutoModelForCausalLM
+
+    held = encode(load_tokenizer(args.base), prompts[: args.num])
+    base_model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
+    results = {}
+    for label, path in tqdm(models.items(), desc="teacher-forced"):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        results[label] = teacher_forced(base_model, model, held, base["hf"]["outputs"])
+    lines = [
+        "| model | KL(base ‖ model), nats per token | teacher-forced argmax = base argmax | tokens |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [f"| {k} | {v['kl_nats_per_token']:.4f} | {v['argmax_agreement']:.1%} | {v['tokens']} |"
+              for k, v in results.items()]  # fmt: skip
+    (out_dir / "teacher_forced.json").write_text(json.dumps(results, indent=1))
+    plot_teacher_forced(results, out_dir / "teacher_forced.png")
+    print("\n".join(lines))
+    return 0
+
+
+def plot_teacher_forced(results: dict, out: Path) -> None:
+    """KL and argmax agreement of each model, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6))
+    left.bar(labels, [results[k]["kl_nats_per_token"] for k in labels])
+    left.axhline(0.05, color="gray", linestyle="--", label="target 0.05")
+    left.set(ylabel="nats per token", title="KL(base || model), teacher-forced")
+    left.legend(fontsize=7)
+    right.bar(labels, [results[k]["argmax_agreement"] for k in labels])
+    low = min([0.8] + [results[k]["argmax_agreement"] - 0.05 for k in labels])
+    right.set(ylim=(max(low, 0.0), 1.0), title="teacher-forced argmax = base argmax")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="models/smollm2-135m", help="HF folder of the base model")
@@ -350,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refine", default="7x2", help="refine N x R settings, comma-separated ('' = none)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (same for every method)")
     parser.add_argument("--train-steps", type=int, default=4, help="steps of the training timing (0 = skip)")
+    parser.add_argument(
+        "--teacher-forced-only",
+        action="store_true",
+        help="distilled models: only KL and argmax agreement on the base answers (minutes, not an hour)",
+    )
     parser.add_argument("--out-dir", default="bench/results/real")
     parser.add_argument("--_train-probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--probe-out", help=argparse.SUPPRESS)
@@ -370,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_steps > 0:
         results["training"] = measure_training(args, out_dir)
     results["base"] = cached_evaluate("base", args.base, args, prompts, checks, out_dir)
+    if args.teacher_forced_only:
+        return teacher_forced_report(results["base"], dict(zip(labels, args.distilled)), args, prompts, out_dir)
     results["distilled"] = {
         label: cached_evaluate(label, path, args, prompts, checks, out_dir)
         for label, path in zip(labels, args.distilled)
@@ -379,12 +428,15 @@ def main(argv: list[str] | None = None) -> int:
             res["speed"] = measure_speed(res["name"], res["path"], args, prompts)
     from transformers import AutoModelForCausalLM
 
-    base_model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
     held = encode(load_tokenizer(args.base), prompts[: args.num])
-    base_answers = results["base"]["hf"]["outputs"]
-    for res in [results["base"], *results["distilled"].values()]:
-        model = AutoModelForCausalLM.from_pretrained(res["path"], dtype=torch.float32).eval()
-        res["teacher_forced"] = teacher_forced(base_model, model, held, base_answers)
+    base_answers, base_model = results["base"]["hf"]["outputs"], None
+    for label, res in [("base", results["base"]), *results["distilled"].items()]:
+        if "teacher_forced" not in res:  # cached with the model's results (it depends on the base answers only)
+            base_model = base_model or AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_pretrained(res["path"], dtype=torch.float32).eval()
+            res["teacher_forced"] = teacher_forced(base_model, model, held, base_answers)
+            cache = json.loads((out_dir / "cache" / f"{label}.json").read_text())
+            (out_dir / "cache" / f"{label}.json").write_text(json.dumps({**cache, "results": res}))
         res["vs_base"] = agreement(res["hf"]["outputs"], base_answers)
     text = report(results, args)
     (out_dir / "real.md").write_text(text)
