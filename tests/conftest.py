@@ -19,6 +19,16 @@ from dllm.drafting import forget
 
 VOCAB = 40
 EOS = 1
+# the model of the Lightning and CLI tests (`model.model_config`; the vocabulary comes from the tokenizer)
+SMALL_MODEL = {
+    "model_type": "llama",  # AutoTokenizer overrides the byte tokenizer's class for qwen2 checkpoints
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
 
 
 def rope_kwargs() -> dict:

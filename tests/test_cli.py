@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_MODEL as SMALL_MODEL_CONFIG
 
 from dllm.cli import DLLMCLI, one_line
 from dllm.errors import UserError
@@ -16,10 +17,7 @@ from dllm.predictions import model_fingerprint, score
 from dllm.tasks import generate_examples
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_MODEL = json.dumps({
-    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-})  # fmt: skip
+SMALL_MODEL = json.dumps(SMALL_MODEL_CONFIG)
 SMALL = ["--model.model_config", SMALL_MODEL, "--data.num_train", "32", "--data.num_val", "4", "--data.batch_size", "8",
          "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1"]  # fmt: skip
 

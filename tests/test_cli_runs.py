@@ -12,14 +12,12 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from conftest import SMALL_MODEL as SMALL_MODEL_CONFIG
 
 from dllm.cli import DLLMCLI
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_MODEL = json.dumps({
-    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-})  # fmt: skip
+SMALL_MODEL = json.dumps(SMALL_MODEL_CONFIG)
 STEPS = 4
 # the shipped tiny config, shortened: a validation every 2 steps, a progress line every step
 SMALL = ["--config", str(ROOT / "configs/tiny.yaml"), "--model.model_config", SMALL_MODEL, "--data.num_train", "32",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from conftest import SMALL_MODEL
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DistributedSampler
 
@@ -22,15 +23,6 @@ from dllm.tasks import generate_examples
 from dllm.tokenizer import load_tokenizer, render_chat, response_text
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_MODEL = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
 
 # The chat template of deepseek-ai/DeepSeek-R1-Distill-Qwen-*, as in its tokenizer_config.json.
 R1_TEMPLATE = (

@@ -12,6 +12,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from conftest import SMALL_MODEL
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -22,15 +23,6 @@ from dllm.module import DLLMModule, GenerationSettings
 from dllm.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_MODEL = {
-    "model_type": "llama",  # AutoTokenizer overrides the byte tokenizer's class for qwen2 checkpoints
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
 SMALL_ARGS = [
     "--model.model_config", json.dumps(SMALL_MODEL),
     "--data.num_train", "64", "--data.num_val", "8", "--data.batch_size", "8",

@@ -6,6 +6,7 @@ import sys
 import lightning as L
 import pytest
 import torch
+from conftest import SMALL_MODEL
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoModelForCausalLM
 
@@ -15,15 +16,6 @@ from dllm.errors import UserError
 from dllm.lora import LoraSettings
 from dllm.module import DLLMModule
 
-SMALL_MODEL = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
 LORA = LoraSettings(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
 
 

@@ -3,21 +3,12 @@
 import lightning as L
 import pytest
 import torch
+from conftest import SMALL_MODEL
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dllm.data import DLLMDataModule
 from dllm.errors import UserError
 from dllm.module import DLLMModule, GenerationSettings
-
-SMALL_MODEL = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
 
 
 class NoiseRecorder(L.Callback):

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import SMALL_MODEL
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dllm import iterative_generate
@@ -25,10 +26,6 @@ from dllm.prompts import make_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 # the engine may adapt jacobi's draft length; these tests pin it to N
-SMALL_MODEL = {
-    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-}  # fmt: skip
 
 
 class ModeProbe(L.Callback):

@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import SMALL_MODEL
 
 from dllm.cli import DLLMCLI
 from dllm.data import DLLMDataModule
@@ -18,10 +19,6 @@ from dllm.module import DLLMModule
 from dllm.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_MODEL = {
-    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-}  # fmt: skip
 
 # every character Python, JSON or a tool may take for a line end, and other text that breaks naive code
 SEPARATORS = ["\n", "\r", "\r\n", "\v", "\f", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
