@@ -191,6 +191,14 @@ def draw_prompt(rng: random.Random) -> tuple[str, str]:
     return kind, _fill(rng, template, fillers)
 
 
+def _check_split(split: str, num: int) -> None:
+    """The arguments every draw takes: a known split and a non-negative count."""
+    if split not in SPLIT_BUCKETS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLIT_BUCKETS)}")
+    if num < 0:
+        raise ValueError(f"num must be >= 0, got {num}")
+
+
 def make_prompts(split: str, num: int, seed: int = 0) -> list[dict]:
     """``num`` distinct prompts of one split, as records ``{"id", "prompt", "kind"}``.
 
@@ -202,10 +210,7 @@ def make_prompts(split: str, num: int, seed: int = 0) -> list[dict]:
     Raises:
         ValueError: on an unknown split, a negative ``num``, or more prompts than the split holds.
     """
-    if split not in SPLIT_BUCKETS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLIT_BUCKETS)}")
-    if num < 0:
-        raise ValueError(f"num must be >= 0, got {num}")
+    _check_split(split, num)
     rng = random.Random(f"dllm.prompts|{seed}|{split}")
     records: list[dict] = []
     seen: set[str] = set()
@@ -238,10 +243,7 @@ def checkable_prompts(split: str, num: int, seed: int = 0) -> list[dict]:
     Raises:
         ValueError: on an unknown split, a negative ``num``, or more questions than the split holds.
     """
-    if split not in SPLIT_BUCKETS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLIT_BUCKETS)}")
-    if num < 0:
-        raise ValueError(f"num must be >= 0, got {num}")
+    _check_split(split, num)
     rng = random.Random(f"dllm.prompts.checkable|{seed}|{split}")
     pools = []
     for family, (templates, cases) in CHECKABLE.items():
