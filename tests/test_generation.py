@@ -423,3 +423,33 @@ def test_trace_shows_jacobi_drafts_and_what_they_confirmed(models):
         generated += step.tokens[: step.accepted + 1]
     assert generated[:40] == generated_rows(out, 4)[0]
     assert any(s.accepted for s in steps)
+
+
+def stops_in_the_first_block(model, n, r):
+    """One-token prompts and stop ids under which row 0 stops in its first block and another row goes on,
+    with each row's reference (rows stop at different blocks)."""
+    for seed in range(6):
+        ids, mask = prompts([1] * 5, seed=seed)
+        free = naive_refine(model, ids[0].tolist(), [EOS], n, r, 16, 8192)[0]
+        for stop in sorted(set(free[: n + 1])):
+            expected = [naive_refine(model, row, [EOS, stop], n, r, 16, 8192) for row in ids.tolist()]
+            lengths = [len(tokens) for tokens, _ in expected]
+            if lengths[0] <= n + 1 < max(lengths):
+                return ids, mask, [EOS, stop], expected
+    pytest.fail("no one-token prompt stops in the first block while another row goes on")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])  # the tiny GPT-2 ends every row in its first block
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("n,r", [(3, 2), (2, 3), (4, 1)])
+def test_refine_with_one_token_prompts_and_rows_stopping_at_different_blocks(models, arch, use_cache, n, r):
+    """One-token prompts: rolling back the first block leaves the cache no column, and a row stopping in that
+    block shrinks the batch (this crashed with the cache on). Each row still equals the reference."""
+    model = models[arch]
+    ids, mask, stop_ids, expected = stops_in_the_first_block(model, n, r)
+    out = iterative_generate(
+        model, ids, mask, eos_token_id=stop_ids, add_eos_length=n, refine_iter=r, max_new_tokens=16,
+        use_cache=use_cache, return_dict=True,
+    )  # fmt: skip
+    assert generated_rows(out, 1) == [tokens for tokens, _ in expected]
+    assert out.finish_reason == [reason for _, reason in expected]
