@@ -453,3 +453,34 @@ def test_refine_with_one_token_prompts_and_rows_stopping_at_different_blocks(mod
     )  # fmt: skip
     assert generated_rows(out, 1) == [tokens for tokens, _ in expected]
     assert out.finish_reason == [reason for _, reason in expected]
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "refine"])
+def test_a_continued_sampled_call_draws_what_one_call_draws(models, mode):
+    """``sample_offsets``: a call that goes on from an earlier one's tokens (same keys) samples the same text."""
+    from dllm.sampling import prompt_keys
+
+    model = models["llama"]
+    ids, mask = prompts([4, 7], seed=3)
+    settings = dict(eos_token_id=EOS, add_eos_length=3, refine_iter=2, mode=mode, temperature=0.9)
+    for seed in range(20):  # a seed whose rows both run to the budget (the random model writes EOS at times)
+        whole = iterative_generate(
+            model, ids, mask, max_new_tokens=20, generator=torch.Generator().manual_seed(seed), return_dict=True,
+            **settings,
+        )  # fmt: skip
+        if whole.finish_reason == ["length", "length"]:
+            break
+    assert whole.finish_reason == ["length", "length"]
+    whole = whole.sequences
+    first = 8  # two whole blocks, so refine's blocks stay where they were
+    rows = [ids[i][mask[i].bool()].tolist() + whole[i, ids.size(1) : ids.size(1) + first].tolist() for i in range(2)]
+    more, more_mask = prompts([len(row) for row in rows])
+    for i, row in enumerate(rows):
+        more[i, more.size(1) - len(row) :] = torch.tensor(row)
+    rest = iterative_generate(
+        model, more, more_mask, max_new_tokens=20 - first, generator=torch.Generator().manual_seed(seed),
+        sample_keys=prompt_keys(ids, mask), sample_offsets=[first, first], **settings,
+    )  # fmt: skip
+    assert torch.equal(rest[:, more.size(1) :], whole[:, ids.size(1) + first :])
+    with pytest.raises(ValueError, match="sample_offsets must hold one int >= 0 per row"):
+        iterative_generate(model, ids, mask, sample_offsets=[0, -1], **settings)
