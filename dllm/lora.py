@@ -100,8 +100,12 @@ def lora_layers(model: torch.nn.Module) -> dict[str, AdaptedLayer]:
                 "name linear, Conv1D or embedding layers only"
             )
         layers[name] = AdaptedLayer(kind, float(module.scaling[ADAPTER]))
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if outputs is not None and inputs.weight is outputs.weight:  # a LoRA layer's .weight is its base layer's
+    try:
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):  # a model that names neither cannot tie them
+        return layers
+    # a LoRA layer's .weight is its base layer's, so a tie survives the injection
+    if inputs is not None and outputs is not None and inputs.weight is outputs.weight:
         for name, module in lora_modules(model):
             if module is inputs or module is outputs:
                 raise UserError(
