@@ -203,7 +203,10 @@ class Batch:
         """
         columns = min(columns, self.width - 1)
         if self.cache is not None and columns < self.cached:
-            self.cache.crop(columns - self.cached)
+            if columns == 0:  # one-token prompts: start afresh; a layer with no column ignores batch_select_indices
+                self.cache = DynamicCache()
+            else:
+                self.cache.crop(columns - self.cached)
             self.cached = columns
 
     def commit_draft(self, count: int, accepted: torch.Tensor | None = None) -> None:

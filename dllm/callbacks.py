@@ -284,7 +284,7 @@ class HFExport(L.Callback):
             prefix = "model."
             model_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
             if getattr(pl_module, "lora", None) is not None:  # an ordinary checkpoint: adapters merged
-                model_state = merge_lora(model_state, pl_module.lora)
+                model_state = merge_lora(model_state, pl_module.model)
             with _no_transformers_progress():  # a one-shard "Writing model shards" bar is noise
                 pl_module.save_hf(dirpath, state_dict=model_state)
             rank_zero_info(f"exported HF model and tokenizer to {dirpath}")

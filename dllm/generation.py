@@ -129,6 +129,7 @@ def _check_inputs(
     top_k,
     top_p,
     sample_keys,
+    sample_offsets,
 ) -> torch.Tensor:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
@@ -158,6 +159,12 @@ def _check_inputs(
         raise ValueError(f"top_p must be in (0, 1] (or None), got {top_p}")
     if sample_keys is not None and len(sample_keys) != input_ids.size(0):
         raise ValueError(f"sample_keys must hold one int per row ({input_ids.size(0)}), got {len(sample_keys)}")
+    if sample_offsets is not None and (
+        len(sample_offsets) != input_ids.size(0) or any(offset < 0 for offset in sample_offsets)
+    ):
+        raise ValueError(
+            f"sample_offsets must hold one int >= 0 per row ({input_ids.size(0)}), got {list(sample_offsets)}"
+        )
     lengths = attention_mask.sum(-1)
     for row, length in enumerate(lengths.tolist()):
         if length == 0:
@@ -195,6 +202,7 @@ def iterative_generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     sample_keys: Sequence[int] | None = None,
+    sample_offsets: Sequence[int] | None = None,
     use_cache: bool = True,
     adaptive_draft: bool = True,
     draft_sources: str | Sequence[str] = "all",
@@ -224,6 +232,10 @@ def iterative_generate(
         sample_keys: one int per row keying its random numbers (e.g. a hash of the
             record id); ``None`` keys each row by its unpadded prompt ids. A row's
             sample depends only on (seed, key, position), never on its batch.
+        sample_offsets: per row, the tokens it already generated when this call goes on
+            from an earlier one (its prompt then ends with them, and ``sample_keys`` hold
+            the earlier call's keys): its draws continue at that generated position, so
+            the tokens are those of one uninterrupted call. ``None``: all 0.
         use_cache: reuse the committed prefix's KV cache (same tokens either way).
         adaptive_draft: jacobi: choose each draft length from 0 to N by measured
             acceptance and measured forward cost; ``False`` always drafts N.
@@ -257,6 +269,7 @@ def iterative_generate(
         top_k,
         top_p,
         sample_keys,
+        sample_offsets,
     )
     sources = parse_sources(draft_sources)
     pad = eos_ids[0] if pad_token_id is None else pad_token_id
@@ -267,6 +280,7 @@ def iterative_generate(
     keys = [0] * rows
     if temperature > 0:
         keys = list(sample_keys) if sample_keys is not None else prompt_keys(input_ids, attention_mask)
+    offsets = list(sample_offsets) if sample_offsets is not None else [0] * rows
     sync = RankSync(input_ids.device) if sync_ranks and distributed() else None
     settings = dict(
         eos_ids=eos_ids,
@@ -282,7 +296,7 @@ def iterative_generate(
     layout = attention_layout(model)
     kind = layout[0]
     if kind in ("plain", "window"):
-        run = _decode(model, input_ids, attention_mask, budgets, keys, use_cache, layout, trace, **settings)
+        run = _decode(model, input_ids, attention_mask, budgets, keys, offsets, use_cache, layout, trace, **settings)
         generated, reasons, forwards, num_forwards = run.generated, run.finish_reason, run.forwards, run.num_forwards
     else:  # one row at a time: no padding, no holes, the model's own masks
         if rows > 1:
@@ -293,8 +307,8 @@ def iterative_generate(
             cached = use_cache and kind == "one-row"
             row_trace = trace if row == 0 else None
             run = _decode(
-                model, ids, torch.ones_like(ids), budgets[row : row + 1], keys[row : row + 1], cached, layout,
-                row_trace, **settings,
+                model, ids, torch.ones_like(ids), budgets[row : row + 1], keys[row : row + 1],
+                offsets[row : row + 1], cached, layout, row_trace, **settings,
             )  # fmt: skip
             generated += run.generated
             reasons += run.finish_reason
@@ -323,10 +337,10 @@ def iterative_generate(
     )
 
 
-def _decode(model, input_ids, attention_mask, budgets, keys, use_cache, layout, trace, **settings) -> _Run:
+def _decode(model, input_ids, attention_mask, budgets, keys, offsets, use_cache, layout, trace, **settings) -> _Run:
     """Run one batch in one mode; returns the finished :class:`_Run`."""
     batch = Batch(model, input_ids, attention_mask, use_cache, layout)
-    run = _Run(batch, settings["eos_ids"], budgets, settings["sampler"], keys, trace, settings["sync"])
+    run = _Run(batch, settings["eos_ids"], budgets, settings["sampler"], keys, offsets, trace, settings["sync"])
     if settings["mode"] == "refine":
         _refine_loop(run, settings["n"], settings["r"])
     else:
@@ -342,9 +356,9 @@ def _decode(model, input_ids, attention_mask, budgets, keys, use_cache, layout, 
 class _Run:
     """Per-row bookkeeping shared by both modes: generated tokens, budgets, stops, the trace."""
 
-    def __init__(self, batch: Batch, eos_ids, budgets, sampler: Sampler, keys, trace, sync):
+    def __init__(self, batch: Batch, eos_ids, budgets, sampler: Sampler, keys, offsets, trace, sync):
         self.batch, self.eos_ids, self.budgets = batch, eos_ids, budgets
-        self.sampler, self.keys, self.trace, self.sync = sampler, keys, trace, sync
+        self.sampler, self.keys, self.offsets, self.trace, self.sync = sampler, keys, offsets, trace, sync
         self.placeholder = eos_ids[0]
         rows = len(budgets)
         self.generated: list[list[int]] = [[] for _ in range(rows)]
@@ -369,7 +383,7 @@ class _Run:
         for r in self.batch.rows:
             self.forwards[r] += 1
         keys = [self.keys[r] for r in self.batch.rows] if not self.sampler.greedy else ()
-        starts = [len(self.generated[r]) for r in self.batch.rows] if not self.sampler.greedy else ()
+        starts = [self.offsets[r] + len(self.generated[r]) for r in self.batch.rows] if not self.sampler.greedy else ()
         return self.sampler.pick(logits, keys, starts), logits
 
     def accept(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:

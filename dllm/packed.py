@@ -113,10 +113,12 @@ def pack_blocks(
         # response index j of every candidate draft; its place in the block counts from the anchor
         j = torch.arange(n, device=device)
         rel = j - offsets[b]
-        drafted = (rel > 0) & (rel % (block_size + 1) != 0) & (j <= n - 2) & (p + j - rel >= 0)
-        j, rel = j[drafted], rel[drafted]
-        k = (rel - 1) // (block_size + 1)  # block index in the row
-        anchor = p + j - rel + k * (block_size + 1)  # the anchor's position
+        k = torch.div(rel - 1, block_size + 1, rounding_mode="floor")  # block index in the row
+        anchor = p + offsets[b] + k * (block_size + 1)  # the anchor's position
+        # Each block needs its own anchor to be a token of the row: without a prompt, the offset -1 puts only
+        # the first anchor before the row (testing the first block's anchor for every block dropped them all).
+        drafted = (rel > 0) & (rel % (block_size + 1) != 0) & (j <= n - 2) & (anchor >= 0)
+        j, k, anchor = j[drafted], k[drafted], anchor[drafted]
         noised = draw[b, j] < t[b, k]
         noisy_ids = torch.where(noised, torch.full_like(j, eos_token_id), ids[p + j])
         d = j.numel()

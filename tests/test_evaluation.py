@@ -112,8 +112,8 @@ def test_refine_runs_and_reports_tokens_per_forward(tiny, tmp_path, capsys):
     assert "tokens_per_forward" in table and "tokens_per_s" in table and "forwards" in table
 
 
-def generate(lm, contexts: list[str], until: list[str], max_gen_toks: int = 32) -> list[str]:
-    kwargs = {"until": until, "max_gen_toks": max_gen_toks, "do_sample": False}
+def generate(lm, contexts: list[str], until: list[str], max_gen_toks: int = 32, do_sample: bool = False) -> list[str]:
+    kwargs = {"until": until, "max_gen_toks": max_gen_toks, "do_sample": do_sample}
     requests = [
         Instance("generate_until", {}, (text, dict(kwargs)), idx=i, metadata=("stops", i, 1))
         for i, text in enumerate(contexts)
@@ -220,3 +220,59 @@ def test_shipped_tasks_are_the_generated_test_splits():
         shipped = (TASKS_DIR / "data" / f"{task}.jsonl").read_text().splitlines()
         assert [json.loads(line) for line in shipped] == split_records(task)
         assert (TASKS_DIR / f"{lm_eval_name(task)}.yaml").is_file()
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "refine"])
+def test_an_empty_stop_string_stops_after_one_token_as_hf_does(lms, mode):
+    """``""`` is in every text, so hf's stop criterion fires after the first token; it used to be skipped."""
+    for until in ([""], ["never", ""]):
+        got = generate(lms[mode], CONTEXTS, until, max_gen_toks=20)
+        assert METER.tasks["stops"].generated_tokens == len(CONTEXTS)  # one token each, as hf generates
+        hf = generate(lms["hf"], CONTEXTS, until, max_gen_toks=20)
+        if mode == "jacobi":
+            assert got == hf
+        assert all(len(text) <= 1 for text in got)
+
+
+def engine_sample(lm, context: str, seed: int, mode: str, n: int, max_new: int) -> list[int]:
+    """The reference: the tokens of one ``iterative_generate`` call for the prompt alone, to EOS or the budget."""
+    from dllm.generation import iterative_generate
+
+    ids = torch.tensor([lm.tok_encode(context)])
+    out = iterative_generate(
+        lm.model, ids, eos_token_id=lm.stop_ids, add_eos_length=n, refine_iter=2, mode=mode, max_new_tokens=max_new,
+        temperature=0.7, generator=torch.Generator().manual_seed(seed), return_dict=True,
+    )  # fmt: skip
+    return out.sequences[0, ids.size(1) : ids.size(1) + int(out.new_tokens[0])].tolist()
+
+
+def cut(lm, tokens: list[int], until: list[str]) -> str:
+    """The text lm-eval scores: decoded, then cut before each stop string."""
+    text = lm.tok_decode(tokens)
+    for stop in until:
+        text = text.split(stop)[0]
+    return text
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "refine"])
+def test_a_sample_is_the_engines_whatever_the_block_size_and_stop_strings(tiny, mode):
+    """The adapter's stop-string rounds (32 tokens, rounded to whole blocks, then twice as many) once moved
+    each row's sampling key on: a sample depended on add_eos_length and on whether a stop string existed.
+    Now it is the engine's own sample for that prompt and seed, cut where the stop strings cut."""
+    args = {"dtype": "float64", "device": "cpu", "batch_size": 3, "mode": mode, "refine_iter": 2, "temperature": 0.7}
+    lm = DLLM(pretrained=str(tiny["hf"]), add_eos_length=3, **args)
+    for seed in range(1, 12):  # samples stop at EOS often: find a seed whose sample outlives the first round
+        tokens = [engine_sample(lm, context, seed, mode, 3, 60) for context in CONTEXTS]
+        if max(len(t) for t in tokens) >= 50:
+            break
+    longest = max(range(len(CONTEXTS)), key=lambda i: len(tokens[i]))
+    text = lm.tok_decode(tokens[longest])
+    stop = first_at(text, len(lm.tok_decode(tokens[longest][:40])), 3)  # met in the second round (past 35 tokens)
+    for n in (0, 3, 4, 6):  # first rounds of 32, 32, 35 and 35 tokens
+        lm = DLLM(pretrained=str(tiny["hf"]), seed=seed, add_eos_length=n, **args)
+        reference = [engine_sample(lm, context, seed, mode, n, 60) for context in CONTEXTS]
+        if mode == "jacobi":  # lossless: the same sample at every block size
+            assert reference == tokens
+        for until in ([], ["never"], [stop], [stop, "never"]):
+            expected = [cut(lm, t, until) for t in reference]
+            assert generate(lm, CONTEXTS, until, max_gen_toks=60, do_sample=True) == expected, (n, until)

@@ -423,3 +423,64 @@ def test_trace_shows_jacobi_drafts_and_what_they_confirmed(models):
         generated += step.tokens[: step.accepted + 1]
     assert generated[:40] == generated_rows(out, 4)[0]
     assert any(s.accepted for s in steps)
+
+
+def stops_in_the_first_block(model, n, r):
+    """One-token prompts and stop ids under which row 0 stops in its first block and another row goes on,
+    with each row's reference (rows stop at different blocks)."""
+    for seed in range(6):
+        ids, mask = prompts([1] * 5, seed=seed)
+        free = naive_refine(model, ids[0].tolist(), [EOS], n, r, 16, 8192)[0]
+        for stop in sorted(set(free[: n + 1])):
+            expected = [naive_refine(model, row, [EOS, stop], n, r, 16, 8192) for row in ids.tolist()]
+            lengths = [len(tokens) for tokens, _ in expected]
+            if lengths[0] <= n + 1 < max(lengths):
+                return ids, mask, [EOS, stop], expected
+    pytest.fail("no one-token prompt stops in the first block while another row goes on")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral"])  # the tiny GPT-2 ends every row in its first block
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("n,r", [(3, 2), (2, 3), (4, 1)])
+def test_refine_with_one_token_prompts_and_rows_stopping_at_different_blocks(models, arch, use_cache, n, r):
+    """One-token prompts: rolling back the first block leaves the cache no column, and a row stopping in that
+    block shrinks the batch (this crashed with the cache on). Each row still equals the reference."""
+    model = models[arch]
+    ids, mask, stop_ids, expected = stops_in_the_first_block(model, n, r)
+    out = iterative_generate(
+        model, ids, mask, eos_token_id=stop_ids, add_eos_length=n, refine_iter=r, max_new_tokens=16,
+        use_cache=use_cache, return_dict=True,
+    )  # fmt: skip
+    assert generated_rows(out, 1) == [tokens for tokens, _ in expected]
+    assert out.finish_reason == [reason for _, reason in expected]
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "refine"])
+def test_a_continued_sampled_call_draws_what_one_call_draws(models, mode):
+    """``sample_offsets``: a call that goes on from an earlier one's tokens (same keys) samples the same text."""
+    from dllm.sampling import prompt_keys
+
+    model = models["llama"]
+    ids, mask = prompts([4, 7], seed=3)
+    settings = dict(eos_token_id=EOS, add_eos_length=3, refine_iter=2, mode=mode, temperature=0.9)
+    for seed in range(20):  # a seed whose rows both run to the budget (the random model writes EOS at times)
+        whole = iterative_generate(
+            model, ids, mask, max_new_tokens=20, generator=torch.Generator().manual_seed(seed), return_dict=True,
+            **settings,
+        )  # fmt: skip
+        if whole.finish_reason == ["length", "length"]:
+            break
+    assert whole.finish_reason == ["length", "length"]
+    whole = whole.sequences
+    first = 8  # two whole blocks, so refine's blocks stay where they were
+    rows = [ids[i][mask[i].bool()].tolist() + whole[i, ids.size(1) : ids.size(1) + first].tolist() for i in range(2)]
+    more, more_mask = prompts([len(row) for row in rows])
+    for i, row in enumerate(rows):
+        more[i, more.size(1) - len(row) :] = torch.tensor(row)
+    rest = iterative_generate(
+        model, more, more_mask, max_new_tokens=20 - first, generator=torch.Generator().manual_seed(seed),
+        sample_keys=prompt_keys(ids, mask), sample_offsets=[first, first], **settings,
+    )  # fmt: skip
+    assert torch.equal(rest[:, more.size(1) :], whole[:, ids.size(1) + first :])
+    with pytest.raises(ValueError, match="sample_offsets must hold one int >= 0 per row"):
+        iterative_generate(model, ids, mask, sample_offsets=[0, -1], **settings)

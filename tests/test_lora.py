@@ -1,7 +1,10 @@
 """LoRA adapters: only the adapters train, checkpoints reload, and the HF export is a plain merged model."""
 
 import copy
+import json
+import subprocess
 import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -13,10 +16,22 @@ from transformers import AutoModelForCausalLM
 from dllm.callbacks import HFExport
 from dllm.data import DLLMDataModule
 from dllm.errors import UserError
-from dllm.lora import LoraSettings
+from dllm.lora import LoraSettings, merge_lora
 from dllm.module import DLLMModule
 
 LORA = LoraSettings(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
+
+
+def peft_merged(model: torch.nn.Module) -> torch.nn.Module:
+    """The reference: PEFT's own merge of the adapters into a copy, each LoRA layer replaced by its base layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(model).eval()
+    for name, layer in [(n, m) for n, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]:
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(merged.get_submodule(parent), child, layer.get_base_layer())
+    return merged
 
 
 def _fit(tmp_path, module: DLLMModule, steps: int, callbacks: list) -> None:
@@ -50,17 +65,9 @@ def test_lora_export_is_a_plain_model_with_the_merged_logits(tmp_path):
     assert "peft" not in (export / "config.json").read_text()
     plain = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float64).eval()
     assert not any("lora" in n or "base_layer" in n for n, _ in plain.named_parameters())
-    # The reference: PEFT's own merge of the trained adapters into a copy.
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    merged = copy.deepcopy(module.model).eval()
-    for name, layer in [(n, m) for n, m in merged.named_modules() if isinstance(m, BaseTunerLayer)]:
-        layer.merge()
-        parent, _, child = name.rpartition(".")
-        setattr(merged.get_submodule(parent), child, layer.get_base_layer())
     ids = torch.randint(0, 200, (2, 12))
     with torch.no_grad():
-        expected = merged(ids).logits
+        expected = peft_merged(module.model)(ids).logits
         unmerged = module.model.eval()(ids).logits
         got = plain(ids).logits
     assert torch.allclose(got, expected, rtol=0, atol=1e-12)
@@ -85,3 +92,75 @@ def test_lora_without_peft_is_one_clear_error(monkeypatch):
 def test_bad_lora_settings_name_the_argument():
     with pytest.raises(UserError, match="model.lora.r must be >= 1"):
         LoraSettings(r=0)
+
+
+GPT2 = {"model_type": "gpt2", "n_embd": 16, "n_layer": 2, "n_head": 2, "n_positions": 64}  # c_attn 16x48, c_proj 16x16
+
+
+@pytest.mark.parametrize(
+    "config, targets",
+    [
+        (SMALL_MODEL, "all-linear"),  # nn.Linear
+        (GPT2, "all-linear"),  # Conv1D (fan_in_fan_out), the default settings: crashed in the export
+        (GPT2, ["attn.c_proj"]),  # a square Conv1D only: merged silently wrong
+        ({**SMALL_MODEL, "tie_word_embeddings": False}, ["embed_tokens", "q_proj", "lm_head"]),  # embedding adapters
+        ({**GPT2, "tie_word_embeddings": False}, ["wte", "c_fc"]),  # were dropped from the export
+    ],
+    ids=["llama-linear", "gpt2-all-linear", "gpt2-square-conv1d", "llama-embeddings", "gpt2-wte"],
+)
+def test_the_export_gives_the_logits_of_the_trained_peft_model(tmp_path, config, targets):
+    torch.manual_seed(0)
+    lora = LoraSettings(r=4, alpha=8.0, target_modules=targets)
+    module = DLLMModule(model_config=config, tokenizer="byte", dtype="float64", lora=lora)
+    model = module.model.eval()
+    adapters = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    assert any("embedding" in n for n in adapters) == ("wte" in targets or "embed_tokens" in targets)
+    with torch.no_grad():  # trained adapters: neither factor zero
+        for p in adapters.values():
+            p.normal_(0, 0.3)
+    module.save_hf(str(tmp_path), state_dict=merge_lora(model.state_dict(), model))  # what HFExport writes
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert not any("lora" in n or "base_layer" in n for n in plain.state_dict())
+    ids = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        trained, got = model(ids).logits, plain(ids).logits
+        assert torch.allclose(got, trained, rtol=0, atol=1e-10)
+        assert torch.allclose(got, peft_merged(model)(ids).logits, rtol=0, atol=1e-10)
+        for p in adapters.values():  # the adapters mattered: without them the logits differ
+            p.zero_()
+        assert not torch.allclose(model(ids).logits, got, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "config, target, shared_with",
+    [
+        (GPT2, "wte", "LM head"),  # GPT-2 ties its embeddings by default
+        ({**SMALL_MODEL, "tie_word_embeddings": True}, "embed_tokens", "LM head"),
+        ({**SMALL_MODEL, "tie_word_embeddings": True}, "lm_head", "input embedding"),
+    ],
+)
+def test_an_adapter_on_a_tied_embedding_is_refused_at_setup(config, target, shared_with):
+    # A merged update would change the input embedding and the LM head, the trained model only one of them.
+    message = f"model.lora.target_modules: .*{target} shares its weight with the {shared_with}"
+    with pytest.raises(UserError, match=message):
+        DLLMModule(model_config=config, tokenizer="byte", lora=LoraSettings(target_modules=[target]))
+
+
+def test_a_gpt2_fit_with_the_default_lora_settings_exports_the_trained_model(tmp_path):
+    # The real command line: GPT-2's layers are Conv1D, which all-linear adapts; the export crashed at fit end.
+    root = Path(__file__).resolve().parents[1]
+    config = json.dumps({**GPT2, "n_positions": 256})
+    result = subprocess.run(
+        [sys.executable, str(root / "train.py"), "fit", "--config", str(root / "configs/tiny.yaml"),
+         "--model.model_config", config, "--model.lora", "{}", "--data.num_train", "16", "--data.num_val", "4",
+         "--data.batch_size", "8", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+         "--model.val_max_new_tokens", "4", "--trainer.default_root_dir", str(tmp_path / "run")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = DLLMModule.load_from_checkpoint(tmp_path / "run/checkpoints/last.ckpt", map_location="cpu")
+    assert trained.lora == LoraSettings() and any("c_proj.lora_A" in n for n, _ in trained.model.named_parameters())
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run/hf").eval()
+    ids = torch.randint(0, 200, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, trained.model.eval()(ids).logits, rtol=0, atol=1e-5)  # float32

@@ -26,7 +26,8 @@ def make_batch(rows, seed: int = 0, left: bool = False):
     return ids, attn, resp
 
 
-ROWS = [(4, 6), (2, 13), (7, 3), (3, 1), (5, 2)]  # several blocks, a cut last block, shorter than a block
+ROWS = [(4, 6), (2, 13), (7, 3), (3, 1), (5, 2), (0, 10)]  # several blocks, a cut last block, shorter than a block,
+# no prompt (the offset -1 puts the first anchor before the row)
 
 
 def blocks_of(packed, b):
@@ -42,19 +43,48 @@ def blocks_of(packed, b):
     return out
 
 
-def naive_loss(model, ids, attn, packed, weights, ar_weight, consistency="hard"):
-    """Every block as its own sequence (clean text up to its anchor, then the block), row by row, no padding."""
+def draws(ids, seed, noise=(0.0, 1.0)):
+    """The random numbers of ``pack_blocks`` with this seed, drawn in its order: an offset per row in
+    ``-1 ... N - 1``, ``t`` per (row, block index), a uniform per (row, response index)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, width = ids.shape
+    offsets = torch.randint(N + 1, (rows,), generator=gen) - 1
+    t = noise[0] + (noise[1] - noise[0]) * torch.rand(rows, width + 1, generator=gen)
+    return offsets.tolist(), t, torch.rand(rows, width, generator=gen)
+
+
+def definition_blocks(p, n, offset):
+    """``[(block index, anchor, twin positions)]`` of a row with a ``p``-token prompt and an ``n``-token response,
+    from the definition alone: anchors every ``N + 1`` positions from ``p + offset``; a block is the ``N``
+    positions after its anchor that are response tokens with a response target (not the closing EOS), and
+    exists only if its anchor is a token of the row."""
+    out = []
+    for k, anchor in enumerate(range(p + offset, p + n, N + 1)):
+        twins = [q for q in range(anchor + 1, anchor + N + 1) if p <= q <= p + n - 2]
+        if anchor >= 0 and twins:
+            out.append((k, anchor, torch.tensor(twins)))
+    return out
+
+
+def naive_loss(model, ids, attn, resp, weights, ar_weight, seed, consistency="hard", noise=(0.0, 1.0)):
+    """Every block as its own sequence (clean text up to its anchor, then the block), row by row, no padding.
+
+    Built from the clean rows and ``draws`` only, never from the packed layout under test: which blocks
+    exist, their anchors, their round-0 tokens (EOS where the token's uniform is below its block's ``t``) and
+    what each round reads come from the definition (docs/method.md, section 8).
+    """
+    offsets, t, uniform = draws(ids, seed, noise)
     draft = [0.0] * len(weights)
     count, ar_sum, ar_count = 0, 0.0, 0
     for b in range(ids.size(0)):
         clean = ids[b][attn[b].bool()]
+        p = int((attn[b].bool() & ~resp[b].bool()).sum())  # prompt length
         clean_logits = model(clean[None]).logits[0]
-        p = clean.numel() - int(packed.clean_scored[b].sum())  # first response position
-        ar_sum = ar_sum + F.cross_entropy(clean_logits[p - 1 : -1], clean[p:], reduction="sum")
-        ar_count += clean.numel() - p
-        for anchor, twins, tokens in blocks_of(packed, b):
-            assert torch.equal(twins, torch.arange(anchor + 1, anchor + 1 + twins.numel()))
-            x = tokens
+        first = max(p, 1)  # the first response target that a position predicts (nothing predicts position 0)
+        ar_sum = ar_sum + F.cross_entropy(clean_logits[first - 1 : -1], clean[first:], reduction="sum")
+        ar_count += clean.numel() - first
+        for k, anchor, twins in definition_blocks(p, clean.numel() - p, offsets[b]):
+            x = torch.where(uniform[b, twins - p] < t[b, k], EOS, clean[twins])
             for r in range(len(weights)):
                 logits = model(torch.cat([clean[: anchor + 1], x])[None]).logits[0]
                 block_logits = logits[anchor + 1 :]
@@ -95,15 +125,13 @@ def test_packed_loss_and_gradients_equal_each_block_as_its_own_sequence(weights,
     model = build_model(arch)
     model.set_attn_implementation(attn_implementation)
     ids, attn, resp = make_batch(ROWS)
-    for seed in range(2):  # two draws of offsets and noise
+    for seed in (0, 3):  # two draws of offsets and noise; seed 3 puts the no-prompt row's first anchor before it
         model.zero_grad()
         out = packed_loss(model, ids, attn, resp, weights, seed, ar_loss_weight=0.7, loss_chunk_size=chunk)
         out.loss.backward()
         got = grads(model)
         model.zero_grad()
-        packed = pack_blocks(ids, attn, resp, block_size=N, eos_token_id=EOS, noise_min=0.0, noise_max=1.0,
-                             generator=torch.Generator().manual_seed(seed))  # fmt: skip
-        expected, per_round, ar = naive_loss(model, ids, attn, packed, weights, 0.7)
+        expected, per_round, ar = naive_loss(model, ids, attn, resp, weights, 0.7, seed)
         expected.backward()
         assert torch.allclose(out.loss, expected, atol=1e-10)
         for a, b in zip(out.round_losses, per_round):
@@ -121,9 +149,7 @@ def test_soft_consistency_equals_kl_to_the_clean_stream(chunk):
     out.loss.backward()
     got = grads(model)
     model.zero_grad()
-    packed = pack_blocks(ids, attn, resp, block_size=N, eos_token_id=EOS, noise_min=0.0, noise_max=1.0,
-                         generator=torch.Generator().manual_seed(0))  # fmt: skip
-    expected, per_round, _ = naive_loss(model, ids, attn, packed, [1.0, 0.5], 0.0, consistency="soft")
+    expected, per_round, _ = naive_loss(model, ids, attn, resp, [1.0, 0.5], 0.0, 0, consistency="soft")
     expected.backward()
     assert torch.allclose(out.loss, expected, atol=1e-10)
     assert torch.allclose(got, grads(model), atol=GRAD_ATOL["llama"])
@@ -160,28 +186,38 @@ def test_padding_side_and_batch_neighbours_change_nothing():
 def test_blocks_tile_the_response_from_a_random_offset():
     """Anchors every N + 1 tokens; drafts cover every position after the first anchor but the anchors and the
     closing EOS (a cut last block at the very end); the offset takes all N + 1 values over draws."""
-    ids, attn, resp = make_batch([(4, 17), (2, 9), (6, 4)])
+    rows = [(4, 17), (2, 9), (6, 4), (0, 10)]
+    ids, attn, resp = make_batch(rows)
     offsets = set()
     for seed in range(60):
         packed = pack_blocks(ids, attn, resp, block_size=N, eos_token_id=EOS, noise_min=0.0, noise_max=0.0,
                              generator=torch.Generator().manual_seed(seed))  # fmt: skip
-        for b, (p, n) in enumerate([(4, 17), (2, 9), (6, 4)]):
-            blocks = blocks_of(packed, b)
-            if not blocks:  # the offset put the first anchor on the last token with a target (row 2)
-                assert b == 2
-                continue
-            anchors = [a for a, _, _ in blocks]
-            first = anchors[0]
-            assert p - 1 <= first <= p + N - 1
-            assert anchors == list(range(first, first + (N + 1) * len(anchors), N + 1))
-            drafted = sorted(int(t) for _, twins, _ in blocks for t in twins)
-            wanted = [q for q in range(first + 1, p + n - 1) if (q - first) % (N + 1) != 0]
-            assert drafted == wanted
-            for _, twins, tokens in blocks:  # noise 0: the clean tokens
+        row_offsets = draws(ids, seed)[0]
+        for b, (p, n) in enumerate(rows):
+            got = [(anchor, twins.tolist()) for anchor, twins, _ in blocks_of(packed, b)]
+            assert got == [(anchor, twins.tolist()) for _, anchor, twins in definition_blocks(p, n, row_offsets[b])]
+            for _, twins, tokens in blocks_of(packed, b):  # noise 0: the clean tokens
                 assert torch.equal(tokens, ids[b][twins])
-            if b == 0:
-                offsets.add(first - p)
+            offsets.add(row_offsets[b])
     assert offsets == set(range(-1, N))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_row_without_prompt_keeps_every_block_after_a_real_anchor(seed):
+    """10 response tokens and no prompt at N = 3: offset -1 puts the first anchor before the row, which drops
+    that block only; the blocks anchored at positions 3 and 7 draft 4 tokens (all were dropped once)."""
+    ids, attn, resp = make_batch([(0, 10)])
+    gen = torch.Generator().manual_seed(seed)
+    packed = pack_blocks(ids, attn, resp, block_size=N, eos_token_id=EOS, noise_min=1.0, noise_max=1.0,
+                         generator=gen)  # fmt: skip
+    (offset,), _, _ = draws(ids, seed)
+    drafted = sorted(packed.position_ids[0][packed.noisy[0]].tolist())
+    wanted = {-1: [4, 5, 6, 8], 0: [1, 2, 3, 5, 6, 7], 1: [2, 3, 4, 6, 7, 8], 2: [3, 4, 5, 7, 8]}[offset]
+    assert drafted == wanted
+    model = build_model("gpt2")
+    out = packed_loss(model, ids, attn, resp, [1.0, 1.0], seed, noise_min=1.0)
+    expected, _, _ = naive_loss(model, ids, attn, resp, [1.0, 1.0], 0.0, seed, noise=(1.0, 1.0))
+    assert out.round_losses[0] > 0 and torch.allclose(out.loss, expected, atol=1e-10)
 
 
 def test_responses_shorter_than_a_block():
@@ -298,7 +334,5 @@ def test_sliding_window_models_see_the_window_in_positions(hybrid):
     model = model.double().eval()
     ids, attn, resp = make_batch(ROWS)
     out = packed_loss(model, ids, attn, resp, [1.0, 0.5], ar_loss_weight=1.0)
-    packed = pack_blocks(ids, attn, resp, block_size=N, eos_token_id=EOS, noise_min=0.0, noise_max=1.0,
-                         generator=torch.Generator().manual_seed(0))  # fmt: skip
-    expected, _, _ = naive_loss(model, ids, attn, packed, [1.0, 0.5], 1.0)
+    expected, _, _ = naive_loss(model, ids, attn, resp, [1.0, 0.5], 1.0, 0)
     assert torch.allclose(out.loss, expected, atol=1e-10)

@@ -35,7 +35,6 @@ from dllm.sampling import prompt_keys
 REQUEST_SAMPLING = ("do_sample", "temperature", "top_k", "top_p")
 # With stop strings, the first round's tokens (then twice as many each round), see DLLM._generate_rows
 FIRST_ROUND = 32
-GOLDEN = 0x9E3779B97F4A7C15  # moves a sampling key on by the tokens a row wrote: another stream per round
 # lm-eval's ``hf`` arguments, and one that it passes on to ``from_pretrained``
 HF_ARGS = {name for name in inspect.signature(HFLM.__init__).parameters if name not in ("self", "kwargs")} | {
     "attn_implementation"
@@ -154,8 +153,10 @@ class DLLM(HFLM):
         sampling = self._sampling(kwargs)
         keys = prompt_keys(ids, mask) if sampling["temperature"] > 0 else None
         prompts = [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
+        if "" in until:  # hf's stop criterion finds "" in any text: it stops after the first token
+            max_new = min(max_new, 1)
         # Only stop strings other than EOS need early looks; the engine stops at EOS itself.
-        rounds = any(stop and stop != eos_text for stop in until)
+        rounds = any(stop != eos_text for stop in until)
         generated = self._generate_rows(prompts, keys, max_new, until, sampling, rounds)
         METER.current.generated_tokens += sum(len(tokens) for tokens in generated)
         return [self._text(tokens, until) for tokens in generated]
@@ -166,7 +167,12 @@ class DLLM(HFLM):
         With stop strings, in rounds of growing length (``FIRST_ROUND`` tokens, then twice as many, ...,
         each a whole number of blocks so refine's blocks stay where they would be): a row whose text
         met a stop string leaves, the others go on from their prompt and what they wrote (one prefill
-        per round, the same tokens: greedy decoding is a function of the prefix). Without, one round.
+        per round, the same tokens: decoding is a function of the prefix). Without, one round.
+
+        Sampled rows keep their prompt's key and go on at the generated position they reached
+        (``sample_offsets``), so every round draws the numbers one uninterrupted ``iterative_generate``
+        call would: the tokens depend neither on the rounds (``add_eos_length``, stop strings) nor on
+        the batch.
         """
         settings, counts = self.generation, METER.current
         block = settings["add_eos_length"] + 1
@@ -182,8 +188,9 @@ class DLLM(HFLM):
                 add_eos_length=settings["add_eos_length"], refine_iter=settings["refine_iter"], mode=settings["mode"],
                 max_new_tokens=budget, max_length=int(mask.sum(-1).max()) + budget,
                 generator=torch.Generator(device=self.device).manual_seed(settings["seed"]),
-                # a row's random numbers: its prompt's key, moved on by what it wrote (a fresh stream per round)
-                sample_keys=[(keys[r] + len(generated[r]) * GOLDEN) % 2**64 for r in active] if keys else None,
+                # a row's random numbers: its prompt's key, at the positions after what it already wrote
+                sample_keys=[keys[r] for r in active] if keys else None,
+                sample_offsets=[len(generated[r]) for r in active],
                 use_cache=settings["use_cache"], adaptive_draft=settings["adaptive_draft"], return_dict=True,
                 **sampling,
             )  # fmt: skip

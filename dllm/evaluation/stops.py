@@ -35,8 +35,9 @@ def stop_point(
         The number of tokens up to and including the one that triggered a stop; ``None`` if none did.
     """
     eos = set(eos_ids)
-    # as MultiTokenEOSCriteria: look back two tokens more than the stop string's own encoding
-    lookbacks = [(stop, len(tokenizer.encode(stop, add_special_tokens=False)) + 2) for stop in stops if stop]
+    # as MultiTokenEOSCriteria: look back two tokens more than the stop string's own encoding; an empty stop
+    # string is in every text, so it stops after the first token as hf's criterion does
+    lookbacks = [(stop, len(tokenizer.encode(stop, add_special_tokens=False)) + 2) for stop in stops]
     for end in range(1, len(tokens) + 1):
         if tokens[end - 1] in eos:
             return end
