@@ -88,6 +88,8 @@ class Stepper:
         use_cache: keep a KV cache of the committed columns.
         adaptive_draft: jacobi: choose the draft length per forward (``dllm.drafting``).
         draft_sources: jacobi: ``"all"``, ``"none"`` or a comma list of ``ngram`` / ``pool``.
+        static: admit only when no row runs (static batching: a batch runs to its end; the baseline
+            that continuous batching is measured against).
     """
 
     def __init__(
@@ -103,6 +105,7 @@ class Stepper:
         use_cache: bool = True,
         adaptive_draft: bool = True,
         draft_sources: str = "all",
+        static: bool = False,
     ):
         if mode not in ("jacobi", "refine"):
             raise ValueError(f"mode must be 'refine' or 'jacobi', got {mode!r}")
@@ -111,6 +114,7 @@ class Stepper:
         self.layout = attention_layout(model)
         # models whose batches run one row at a time in iterative_generate get one row here too
         self.max_rows = max_rows if self.layout[0] in ("plain", "window") else 1
+        self.static = static
         self.device = next(model.parameters()).device
         self.placeholder = self.eos_ids[0]
         self._eos = torch.tensor(self.eos_ids, device=self.device)
@@ -200,8 +204,8 @@ class Stepper:
 
     def _admit_waiting(self) -> Batch | None:
         free = [s for s, r in enumerate(self.slots) if r is None]
-        if self.max_rows == 1 and self.batch is not None:
-            free = []  # one row at a time: the next one starts when this one is done
+        if (self.static or self.max_rows == 1) and self.batch is not None:
+            free = []  # the next rows start when these are done
         taken = []
         while free and self.waiting:
             slot, row = free.pop(0), self.waiting.pop(0)

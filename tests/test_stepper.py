@@ -54,6 +54,18 @@ def test_staggered_rows_equal_alone(models, arch, mode):
         assert got[i] == expected, i
 
 
+def test_static_batching_waits_for_the_batch(models):
+    stepper = Stepper(models["llama"], [EOS], static=True, max_rows=4, add_eos_length=4)
+    stepper.admit("a", [5, 6, 7], max_new_tokens=6)
+    stepper.step()
+    stepper.admit("b", [8, 9], max_new_tokens=3)
+    seen = []
+    while not stepper.idle:
+        seen.append({e.id for e in stepper.step()})
+    first_b = next(i for i, ids in enumerate(seen) if "b" in ids)
+    assert all("a" not in ids for ids in seen[first_b:])  # b started only after a was done
+
+
 def test_cancel_frees_the_slot(models):
     model = models["llama"]
     stepper = Stepper(model, [EOS], max_rows=1, add_eos_length=4)

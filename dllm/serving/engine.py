@@ -85,14 +85,25 @@ class Engine:
         max_queued: requests that may wait for a row; one more answers 503.
         use_cache: keep a KV cache of the committed text.
         adaptive_draft: jacobi: choose the draft length per forward.
+        static: static batching (a batch runs to its end before the next is admitted).
     """
 
     def __init__(
-        self, model, tokenizer, stop_ids, *, max_length, max_rows=16, max_queued=64, use_cache=True, adaptive_draft=True
+        self,
+        model,
+        tokenizer,
+        stop_ids,
+        *,
+        max_length,
+        max_rows=16,
+        max_queued=64,
+        use_cache=True,
+        adaptive_draft=True,
+        static=False,
     ):
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, list(stop_ids)
         self.max_length, self.max_rows, self.max_queued = max_length, max_rows, max_queued
-        self.use_cache, self.adaptive_draft = use_cache, adaptive_draft
+        self.use_cache, self.adaptive_draft, self.static = use_cache, adaptive_draft, static
         self.steppers: dict[tuple, Stepper] = {}
         self.jobs: dict[int, Job] = {}
         self._ids = itertools.count()
@@ -137,7 +148,7 @@ class Engine:
             self.steppers[config] = Stepper(
                 self.model, self.stop_ids, mode=mode, add_eos_length=n, refine_iter=r, max_length=self.max_length,
                 max_rows=self.max_rows, use_cache=self.use_cache, adaptive_draft=self.adaptive_draft,
-                draft_sources=sources,
+                draft_sources=sources, static=self.static,
             )  # fmt: skip
         return self.steppers[config]
 

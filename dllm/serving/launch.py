@@ -14,6 +14,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from jsonargparse import ArgumentError
@@ -39,6 +40,8 @@ class ServerSettings:
             the checkpoint's file name).
         device: ``auto`` (CUDA when there is one), ``cpu``, ``cuda``, ``cuda:1``, ...
         log_level: uvicorn's log level.
+        batching: ``continuous`` (a request joins the running batch at the next forward) or ``static``
+            (a batch runs to its end before the waiting requests start: for comparison).
     """
 
     host: str = "127.0.0.1"
@@ -50,6 +53,7 @@ class ServerSettings:
     model_name: str | None = None
     device: str = "auto"
     log_level: str = "warning"
+    batching: Literal["continuous", "static"] = "continuous"
 
 
 class ServeCLI(DLLMCLI):
@@ -91,6 +95,7 @@ def serve(module, datamodule, settings: ServerSettings, ckpt_path: str | None = 
     engine = Engine(
         model, module.tokenizer, module.stop_ids, max_length=generation.max_length, max_rows=settings.max_batch_rows,
         max_queued=settings.max_queued, use_cache=generation.use_cache, adaptive_draft=generation.adaptive_draft,
+        static=settings.batching == "static",
     )  # fmt: skip
     defaults = Defaults(
         model=name, max_tokens=generation.max_new_tokens, max_length=generation.max_length,
