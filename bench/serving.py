@@ -31,6 +31,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -55,7 +56,10 @@ def free_port() -> int:
 def start(command: list[str], url: str, log: Path) -> subprocess.Popen:
     import httpx2 as httpx
 
-    process = subprocess.Popen(command, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    # a session of its own: LitServe's workers are its children, and they must go with it
+    process = subprocess.Popen(
+        command, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -282,7 +286,7 @@ def main() -> None:
                 rows.append({"method": method, "rate": rate, "metrics": metrics})
                 print(json.dumps(rows[-1]), flush=True)
         finally:
-            process.terminate()
+            os.killpg(process.pid, signal.SIGTERM)
             process.wait(30)
     title = f"{name}: {args.requests} requests per rate, {args.max_tokens} tokens, {args.rows} rows"
     (out / "serving.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))

@@ -185,7 +185,13 @@ class Engine:
                         self._fail(job, error)
                     continue
                 for event in events:
-                    self._deliver(stepper, event)
+                    try:
+                        self._deliver(stepper, event)
+                    except Exception as error:  # e.g. a tokenizer that cannot decode: this request alone fails
+                        log.exception("streaming request %s failed", event.id)
+                        stepper.cancel(event.id)
+                        if event.id in self.jobs:
+                            self._fail(self.jobs[event.id], error)
 
     def _deliver(self, stepper: Stepper, event) -> None:
         job = self.jobs.get(event.id)
