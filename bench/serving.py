@@ -121,7 +121,9 @@ async def one_request(client, url, prompt, max_tokens, streamed, model):
         return None, None, 0, repr(error), False
 
 
-async def run_load(url, prompts, rate, max_tokens, streamed, model, seed):
+async def run_load(url, prompts, rate, max_tokens, streamed, model, seed, clients=0):
+    """Open loop: Poisson arrivals at ``rate``; or, with ``clients``, that many clients each sending its next
+    request when the last is answered (closed loop). Results in prompt order."""
     import httpx2 as httpx
 
     rng = random.Random(seed)
@@ -141,10 +143,19 @@ async def run_load(url, prompts, rate, max_tokens, streamed, model, seed):
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=1000)) as client:
         poller = asyncio.create_task(poll(client))
         tasks, start = [], time.perf_counter()
-        for prompt in prompts:
-            tasks.append(asyncio.create_task(one_request(client, url, prompt, max_tokens, streamed, model)))
-            await asyncio.sleep(rng.expovariate(rate))
-        results = await asyncio.gather(*tasks)
+        if clients:
+            results, todo = [None] * len(prompts), iter(range(len(prompts)))
+
+            async def worker():
+                for i in todo:
+                    results[i] = await one_request(client, url, prompts[i], max_tokens, streamed, model)
+
+            await asyncio.gather(*(worker() for _ in range(clients)))
+        else:
+            for prompt in prompts:
+                tasks.append(asyncio.create_task(one_request(client, url, prompt, max_tokens, streamed, model)))
+                await asyncio.sleep(rng.expovariate(rate))
+            results = await asyncio.gather(*tasks)
         elapsed = time.perf_counter() - start
         done.set()
         await poller
@@ -245,6 +256,7 @@ def main() -> None:
     parser.add_argument("--ckpt", default=None, help="a Lightning checkpoint instead (exported to HF first)")
     parser.add_argument("--prompts", default=None, help="a JSONL file with 'prompt' (default: four chat prompts)")
     parser.add_argument("--rates", default="1,2,4", help="arrival rates, requests per second")
+    parser.add_argument("--clients", type=int, default=0, help="closed loop instead: this many clients, back to back")
     parser.add_argument("--requests", type=int, default=32, help="requests per cell")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=512)
@@ -263,7 +275,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     folder = prepare_model(args)
     prompts = load_prompts(args, folder)
-    rates = [float(r) for r in args.rates.split(",")]
+    rates = [float(r) for r in args.rates.split(",")] if not args.clients else [0.0]  # 0: the closed loop
     methods = args.methods.split(",")
     name = args.ckpt or args.model
     rows, answers = [], {}
@@ -279,7 +291,9 @@ def main() -> None:
         try:
             for rate in rates:
                 results, elapsed, health = asyncio.run(
-                    run_load(url, prompts, rate, args.max_tokens, method != "hf", folder, seed=int(rate * 1000))
+                    run_load(
+                        url, prompts, rate, args.max_tokens, method != "hf", folder, int(rate * 1000), args.clients
+                    )
                 )
                 answers[(method, rate)] = results
                 metrics = summarise(results, elapsed, health, answers.get(("hf", rate)))
@@ -288,7 +302,8 @@ def main() -> None:
         finally:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(30)
-    title = f"{name}: {args.requests} requests per rate, {args.max_tokens} tokens, {args.rows} rows"
+    load = f"{args.clients} clients back to back" if args.clients else "per rate"
+    title = f"{name}: {args.requests} requests {load}, {args.max_tokens} tokens, {args.rows} rows"
     (out / "serving.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
     (out / "serving.md").write_text(markdown(rows, title))
     plot(rows, out / "serving.png", title)
