@@ -61,7 +61,16 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
         target_modules=settings.target_modules,
         bias="none",
     )
-    model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    try:
+        model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its checks of target_modules
+        kinds = ("Linear", "Conv1D", "Embedding")  # the layers a user names (GPT-2's are Conv1D)
+        layers = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if type(m).__name__ in kinds})
+        reason = str(e).split(". ")[0]
+        raise UserError(
+            f"--model.lora.target_modules {settings.target_modules}: {reason}; the model's layers: "
+            f"{', '.join(layers)} (or all-linear)"
+        ) from None
     for name, param in model.named_parameters():
         param.requires_grad = ".lora_" in name
     return model
