@@ -24,6 +24,7 @@ from typing import Any
 
 from dllm.errors import UserError
 
+_MISSING = object()
 DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")  # the keys of dllm.module.DTYPES
 
 # (key, accepts the value, what it must be): values torch, Lightning or the DataLoader reject only later
@@ -69,9 +70,6 @@ def check_settings(config: Mapping[str, Any], subcommand: str) -> None:
             world = world_size(config.get("trainer") or {})
             if world is not None:
                 check_batches(data.get("num_train"), data.get("batch_size"), world, "from data.num_train")
-
-
-_MISSING = object()
 
 
 def _get(config: Mapping[str, Any], key: str) -> Any:

@@ -7,7 +7,8 @@ On top of Lightning's CLI it
 - derives every path of a run from ``--trainer.default_root_dir`` unless a path
   is set explicitly: checkpoints in ``<root>/checkpoints``, logs in ``<root>``,
   the HF export in ``<root>/hf``, predictions in ``<root>/predictions.jsonl``;
-- checks the checkpoint and the data arguments before any model loads, and stops
+- checks the checkpoint, the data arguments, the settings and predict's output
+  (``dllm.checks``) before any model loads, and stops
   a resume that has nothing left to train (``NothingToTrain``);
 - removes a log folder a run created but logged nothing into (a run that failed or
   trained nothing leaves no empty ``lightning_logs/version_N``);

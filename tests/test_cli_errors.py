@@ -147,3 +147,10 @@ def test_no_mistake_leaves_a_file_behind(outcomes):
     """No run folder, no predictions shard, temp file or lock: the outputs were checked before any work."""
     _, before, after, _ = outcomes
     assert after == before
+
+
+def test_the_dtype_names_checked_early_are_the_ones_the_module_loads():
+    from dllm.checks import DTYPE_NAMES
+    from dllm.module import DTYPES
+
+    assert set(DTYPE_NAMES) == set(DTYPES)
