@@ -151,11 +151,14 @@ def check_batches(num_examples: int | None, batch_size: int | None, world: int, 
 # Output paths
 
 
-def check_output_file(path: str | Path, shown: str) -> None:
-    """A file can be written at ``path`` (its missing folders created): not a folder, not under a file, writable."""
+def check_output_file(path: str | Path, shown: str, example: str = "out.jsonl") -> None:
+    """A file can be written at ``path`` (its missing folders created): not a folder, not under a file, writable.
+
+    ``example`` is the file name the message suggests inside a folder given by mistake.
+    """
     path = Path(path)
     if path.is_dir():
-        raise UserError(f"{shown} {path}: a folder; give a file path (e.g. {path / 'predictions.jsonl'})")
+        raise UserError(f"{shown} {path}: a folder; give a file path (e.g. {path / example})")
     _check_can_create_in(path.parent, shown, path)
 
 
@@ -196,7 +199,7 @@ def check_prediction_output(config: Mapping[str, Any]) -> None:
             Path(root) / "predictions.jsonl",
             "--predictions.output (default, from trainer.default_root_dir)",
         )
-    check_output_file(output, shown)
+    check_output_file(output, shown, "predictions.jsonl")
     prompts = (config.get("data") or {}).get("prompts_file")
     if prompts is not None and Path(prompts).exists() and Path(output).exists():
         if Path(prompts).resolve() == Path(output).resolve():

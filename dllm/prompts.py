@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out != "-":
         try:
-            check_output_file(args.out, "--out")  # before drawing: not a folder, not under a file, writable
+            check_output_file(args.out, "--out", "prompts.jsonl")  # before drawing anything
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2

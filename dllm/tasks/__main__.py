@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out != "-":
         try:
-            check_output_file(args.out, "--out")  # before generating: not a folder, not under a file, writable
+            check_output_file(args.out, "--out", "train.jsonl")  # before generating anything
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
