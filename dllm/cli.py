@@ -7,7 +7,8 @@ On top of Lightning's CLI it
 - derives every path of a run from ``--trainer.default_root_dir`` unless a path
   is set explicitly: checkpoints in ``<root>/checkpoints``, logs in ``<root>``,
   the HF export in ``<root>/hf``, predictions in ``<root>/predictions.jsonl``;
-- checks the checkpoint and the data arguments before any model loads, and stops
+- checks the checkpoint, the data arguments, the settings and predict's output
+  (``dllm.checks``) before any model loads, and stops
   a resume that has nothing left to train (``NothingToTrain``);
 - removes a log folder a run created but logged nothing into (a run that failed or
   trained nothing leaves no empty ``lightning_logs/version_N``);
@@ -42,6 +43,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from transformers.utils import logging as hf_logging
 
 from dllm.callbacks import LineProgress, PredictionWriter
+from dllm.checks import check_prediction_output, check_settings, config_file_error
 from dllm.data import DLLMDataModule
 from dllm.errors import UserError
 from dllm.module import DLLMModule, GenerationSettings
@@ -102,6 +104,7 @@ class DLLMCLI(LightningCLI):
             if subcommand in ("fit", "validate", "predict"):
                 _check_generation(self.config[subcommand].model)
                 _check_data(self.config[subcommand].data, subcommand)
+                _check_early(self.config[subcommand], subcommand)
             if subcommand == "fit":
                 derive_run_paths(self.config.fit.trainer)  # where ``last`` is
                 check_resume(self.config.fit)
@@ -332,6 +335,24 @@ def _check_data(data: Namespace, stage: str) -> None:
     check_records(data, stage)
 
 
+def _check_early(config: Namespace, subcommand: str) -> None:
+    """Settings torch, Lightning or transformers would reject only after the model loaded, and predict's output.
+
+    ``predict --ckpt_path last`` (or ``best``, ``hpc``): Lightning resolves those names from a fit's
+    checkpoint callback, which predict has not; without a model source the run would fail later
+    asking for ``model.pretrained``, so the message names ``--ckpt_path`` and the file it likely meant.
+    """
+    check_settings(config, subcommand)
+    if subcommand != "predict":
+        return
+    ckpt = config.get("ckpt_path")
+    if str(ckpt) in SPECIAL_CHECKPOINTS and not config.model.get("pretrained") and not config.model.get("model_config"):
+        guess = Path(config.trainer.get("default_root_dir") or ".") / "checkpoints" / "last.ckpt"
+        hint = f", e.g. --ckpt_path {guess}" if guess.is_file() else ""
+        raise UserError(f"--ckpt_path {ckpt}: predict needs a checkpoint file ('{ckpt}' names one only for fit){hint}")
+    check_prediction_output(config)
+
+
 # ----------------------------------------------------------------------------
 # Entry point
 
@@ -391,9 +412,12 @@ def main(subcommand: str | None = None, **kwargs: Any) -> None:
             print(str(e), file=sys.stderr)
     except (UserError, ArgumentError, ValueError) as e:
         mistake = e if isinstance(e, ArgumentError) else _user_error(e)
+        if isinstance(e, ArgumentError) and str(e).startswith("Problems parsing config"):
+            mistake = config_file_error(args) or mistake  # jsonargparse names neither the file nor its line
         if debug or mistake is None:
             raise
-        print(f"error: {one_line(mistake)}", file=sys.stderr)
+        if rank_zero_only.rank == 0:  # every rank of a multi-device run gets the same mistake: say it once
+            print(f"error: {one_line(mistake)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from dllm import tasks as task_registry
+from dllm.checks import check_batches
 from dllm.errors import UserError
 from dllm.predictions import prompt_digest
 from dllm.records import INTERNAL_KEYS, Record, check_arguments, field, is_messages, prompt_of, read_records
@@ -530,6 +531,8 @@ class DLLMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
+        world = self.trainer.world_size if self.trainer is not None else 1
+        check_batches(len(self.train_set), hp.batch_size, world, "in the training data")  # else no step trains
         return ResumableDataLoader(
             self.train_set,
             batch_size=hp.batch_size,

@@ -132,9 +132,18 @@ def add_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:
         target_modules=settings.target_modules,
         bias="none",
     )
-    with warnings.catch_warnings():  # PEFT sets fan_in_fan_out itself on GPT-2's Conv1D, and says so per layer
-        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
-        model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    try:
+        with warnings.catch_warnings():  # PEFT sets fan_in_fan_out itself on GPT-2's Conv1D, and says so per layer
+            warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+            model = inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    except ValueError as e:  # PEFT's NoMatchingPeftModuleError and its checks of target_modules
+        kinds = ("Linear", "Conv1D", "Embedding")  # the layers a user names (GPT-2's are Conv1D)
+        layers = sorted({n.rpartition(".")[2] for n, m in model.named_modules() if type(m).__name__ in kinds})
+        reason = str(e).split(". ")[0]
+        raise UserError(
+            f"--model.lora.target_modules {settings.target_modules}: {reason}; the model's layers: "
+            f"{', '.join(layers)} (or all-linear)"
+        ) from None
     # kept on the model: under FSDP the live module names gain wrapper segments, the gathered keys do not
     setattr(model, LAYERS_ATTR, lora_layers(model))
     for name, param in model.named_parameters():

@@ -30,6 +30,7 @@ from unittest import mock
 
 import torch
 
+from dllm.checks import check_output_folder
 from dllm.errors import UserError
 
 
@@ -183,12 +184,14 @@ def convert(name: str, out: str | Path, verify: bool = True, log=print) -> Path:
         The folder.
 
     Raises:
-        UserError: missing packages (the message says what to install) or a GGUF file that is not
+        UserError: an ``out`` that cannot be a folder (a file, under a file, not writable), missing
+            packages (the message says what to install) or a GGUF file that is not
             the expected one.
         RuntimeError: the saved folder's logits differ from the GGUF load's.
     """
     from transformers import AutoTokenizer
 
+    check_output_folder(out, "--out")  # before the ~50 s of loading and converting
     path = find_gguf(name)
     spec = MODELS[name]
     if sha256_of(path) != spec.sha256:

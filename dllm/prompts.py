@@ -30,6 +30,8 @@ import re
 import sys
 import unicodedata
 
+from dllm.checks import check_output_file
+from dllm.errors import UserError
 from dllm.records import write_jsonl
 from dllm.tasks import SPLIT_BUCKETS, TASKS, split_of
 
@@ -292,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkable", action="store_true", help="questions with known answers (field answers)")
     parser.add_argument("--out", default="-", help="output .jsonl path ('-' for stdout)")
     args = parser.parse_args(argv)
+    if args.out != "-":
+        try:
+            check_output_file(args.out, "--out", "prompts.jsonl")  # before drawing anything
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     try:
         records = (checkable_prompts if args.checkable else make_prompts)(args.split, args.num, args.seed)
     except ValueError as err:

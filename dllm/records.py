@@ -155,11 +155,17 @@ def _read_parquet(path: Path) -> list[Record]:
     not UTF-8 raise ``UserError`` naming the column and row (a Python repr is never passed on as text).
     """
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ImportError(f"{path}: reading .parquet needs pyarrow (pip install 'dllm[parquet]')") from None
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:  # pyarrow's message: "Could not open ...: <reason>. <advice>"
+        reason = str(e).rpartition("': ")[2].split(". ")[0]
+        raise UserError(f"{path}: not a readable parquet file ({reason})") from None
     records = []
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
+    for i, row in enumerate(table.to_pylist()):
         where = f"{path}: row {i}"
         record = {column: _plain(value, f"{where}: column {column!r}") for column, value in row.items()}
         records.append({**record, "_where": where})
@@ -318,6 +324,8 @@ def _check_files(arguments: Mapping[str, Any]) -> None:
         path = arguments.get(name)
         if path is None:
             continue
+        if Path(path).is_dir():
+            raise UserError(f"data.{name}: {path} is a folder, not a file")
         if not Path(path).is_file():
             raise UserError(f"data.{name}: no such file: {path}")
         if Path(path).suffix.lower() not in suffixes:

@@ -7,6 +7,7 @@ on it as Jinja strings, so nothing is downloaded.
 import datetime
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -135,6 +136,27 @@ def test_train_file_under_the_task_config_is_not_silently_ignored(tmp_path, caps
     write_jsonl(tmp_path / "train.jsonl", pairs(8))
     message = cli_error([*config, "--data.train_file", "train.jsonl"], capsys)
     assert "data.task" in message and "--data.task null" in message
+
+
+def test_a_prompts_file_that_is_a_folder_is_named_as_one(tmp_path):
+    """Issue 23: a folder given as the prompts file was reported as "no such file"."""
+    with pytest.raises(UserError, match=rf"data\.prompts_file: {tmp_path} is a folder, not a file"):
+        check_arguments({"prompts_file": str(tmp_path)})
+
+
+def test_training_data_too_small_for_the_devices_names_batch_size_and_devices(tmp_path, tokenizer):
+    """Issue 23: 10 examples over 2 devices at batch 8 dropped every batch; the fit ended at step 0 with exit 0.
+
+    A file's size is known only once it is read, so the loader checks it (the CLI checks ``data.num_train``).
+    """
+    train = write_jsonl(tmp_path / "train.jsonl", pairs(10))
+    data = DLLMDataModule(train_file=str(train), val_file=str(train), batch_size=8, tokenizer=tokenizer)
+    data.setup("fit")
+    data.trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(UserError, match=r"--data\.batch_size 8: more than the 5 training examples each of 2 devices"):
+        data.train_dataloader()
+    data.trainer = SimpleNamespace(world_size=1)  # one device trains on what there is
+    assert len(data.train_dataloader()) == 1
 
 
 # --- chat templates and the response overlap -----------------------------------------------------------

@@ -62,11 +62,13 @@ def harness_hooks(argv: Sequence[str]) -> Iterator[None]:
     """
     import lm_eval.evaluator
     import lm_eval.tasks
+    from lm_eval.config.evaluate_config import EvaluatorConfig
 
     from dllm.evaluation.meter import METER, add_generation_metrics, instrument_hf
     from dllm.evaluation.tasks import TASKS_DIR
 
     task_manager, simple_evaluate = lm_eval.tasks.TaskManager, lm_eval.evaluator.simple_evaluate
+    process_tasks = EvaluatorConfig.process_tasks
     defaults = not only_shipped_tasks(argv)
 
     class TaskManager(task_manager):
@@ -80,17 +82,47 @@ def harness_hooks(argv: Sequence[str]) -> Iterator[None]:
         METER.reset()
         return add_generation_metrics(simple_evaluate(*args, **kwargs), METER)
 
+    def known_tasks(self, *args, **kwargs):  # lm-eval raises a bare ValueError (a traceback) for an unknown name
+        try:
+            return process_tasks(self, *args, **kwargs)
+        except ValueError as e:
+            if not str(e).startswith("Tasks not found"):
+                raise
+            missing = str(e).partition(":")[2].strip()
+            listed = "`python -m dllm.evaluation ls tasks` lists them"
+            raise UserError(f"--tasks {missing}: no such task ({listed})") from None
+
     lm_eval.tasks.TaskManager, lm_eval.evaluator.simple_evaluate = TaskManager, evaluate
+    EvaluatorConfig.process_tasks = known_tasks
     try:
         with instrument_hf():
             yield
     finally:
         lm_eval.tasks.TaskManager, lm_eval.evaluator.simple_evaluate = task_manager, simple_evaluate
+        EvaluatorConfig.process_tasks = process_tasks
+
+
+def check_model_path(argv: Sequence[str]) -> None:
+    """``--model_args pretrained=<path>``: a local folder that does not exist fails here, not as an HF traceback.
+
+    Checked before lm-eval imports (seconds) and before any model loads.
+    """
+    from dllm.checks import check_pretrained
+
+    for item in _flag_values(argv, "--model_args"):
+        key, eq, value = item.partition("=")
+        if eq and key.strip() == "pretrained":
+            check_pretrained(value.strip(), f"--model_args pretrained={value.strip()}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run lm-eval's command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        check_model_path(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         import lm_eval  # noqa: F401
     except ImportError:

@@ -251,6 +251,8 @@ def _generation_settings(**settings) -> dict:
              "top_p": float, "seed": int, "use_cache": bool, "adaptive_draft": bool}  # fmt: skip
     for name, value in settings.items():
         kind = types[name]
+        if kind is int and isinstance(value, float) and value.is_integer():  # lm-eval reads "-1" as -1.0
+            value = settings[name] = int(value)
         ok = value is None and name in ("temperature", "top_k", "top_p")
         ok = ok or isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         ok = ok or kind is float and isinstance(value, int) and not isinstance(value, bool)

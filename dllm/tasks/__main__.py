@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dllm.checks import check_output_file
+from dllm.errors import UserError
 from dllm.records import write_jsonl
 from dllm.tasks import SPLIT_BUCKETS, TASKS, generate_examples
 
@@ -61,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="-", help="output .jsonl path ('-' for stdout)")
     args = parser.parse_args(argv)
+    if args.out != "-":
+        try:
+            check_output_file(args.out, "--out", "train.jsonl")  # before generating anything
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
 
     try:
         tasks = parse_tasks(args.task)
