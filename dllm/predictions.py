@@ -9,6 +9,9 @@
 - ``mismatch``: an earlier record is reused only when its prompt, its rendered prompt, the
   generation settings, the model and the tokenizer match this run; anything else is named, in
   one line, and nothing is deleted.
+- ``reusable``: applies ``mismatch`` to the output and each leftover shard, naming the file that holds a
+  record it may not reuse; shards that match this run while the output does not are a stopped
+  ``--predictions.overwrite``, which the same command finishes (the shards are reused).
 - ``OutputLock``: ``<output>.lock`` so two runs never write one output; a lock left by a
   killed run on this host (or left empty or unreadable) is taken over.
 - ``with_inputs``: a reused record takes this run's input fields and reference (they are not part of
