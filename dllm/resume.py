@@ -13,8 +13,10 @@ adds this callback to every fit; it
   ``model.weight_decay``) over the ones restored from the checkpoint's optimizer state, which
   Lightning would otherwise keep silently: what the config and command line say is what trains.
 
-It is a ``Checkpoint`` so that Lightning runs it after the ``ModelCheckpoint`` callbacks (it
-reorders checkpoint callbacks last), and ``ModelCheckpoint`` still decides its own top-k first.
+The save after a validation runs right after each ``ModelCheckpoint``'s own ``on_validation_end``
+(wrapped at setup), so that callback still decides its top-k first: saving before it would mark the step
+as saved and skip its best-checkpoint save. (A ``Checkpoint`` subclass would run last too, but then
+Lightning adds no default ``ModelCheckpoint`` and refuses ``enable_checkpointing: false``.)
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from dllm import interrupts
 
 
-class ResumePoint(Checkpoint):
+class ResumePoint(Callback):
     """Save ``last.ckpt`` at each validation and on SIGTERM/SIGINT; apply this run's optimizer settings on resume."""
 
     def __init__(self) -> None:
@@ -43,6 +45,9 @@ class ResumePoint(Checkpoint):
         if stage == "fit":
             self._trainer = trainer
             interrupts.state.on_signal = self._stop_after_step
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint) and callback.save_last:
+                    _save_last_after_validation(callback)
 
     def _stop_after_step(self, signum: int) -> bool:
         """The first signal: ask Lightning to stop after this step (its SIGTERM flag), which raises
@@ -54,10 +59,6 @@ class ResumePoint(Checkpoint):
         if trainer.ckpt_path:
             _apply_optimizer_settings(trainer, pl_module)
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not trainer.sanity_checking and trainer.state.fn == "fit":
-            save_last(trainer)
-
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         interrupts.state.on_signal = None
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
@@ -66,7 +67,7 @@ class ResumePoint(Checkpoint):
                     "stopped at once (a second signal); --ckpt_path last resumes the last save"
                 )
             return
-        if trainer.sanity_checking or trainer.global_step == 0:
+        if trainer.sanity_checking or trainer.global_step == 0 or trainer.fast_dev_run:
             interrupts.state.notes.append("no step was trained, nothing saved")
             return
         paths = save_last(trainer)
@@ -80,14 +81,33 @@ class ResumePoint(Checkpoint):
         interrupts.state.on_signal = None
 
 
-def save_last(trainer: L.Trainer) -> list[str]:
-    """Write ``last.ckpt`` of every ``ModelCheckpoint`` with ``save_last`` not yet saved at this step; their paths.
+def _save_last_after_validation(callback: ModelCheckpoint) -> None:
+    """Make ``callback`` write ``last.ckpt`` at the end of every validation of a fit, after its own saving."""
+    if getattr(callback, "_saves_last_after_validation", False):
+        return
+    own = callback.on_validation_end
+
+    def on_validation_end(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        own(trainer, pl_module)
+        if not trainer.sanity_checking and trainer.state.fn == "fit" and not trainer.fast_dev_run:
+            save_last(trainer, [callback])
+
+    callback.on_validation_end = on_validation_end
+    callback._saves_last_after_validation = True
+
+
+def save_last(trainer: L.Trainer, callbacks: list | None = None) -> list[str]:
+    """Write ``last.ckpt`` of each ``ModelCheckpoint`` with ``save_last`` not yet saved at this step; their paths.
 
     Uses the callback's own ``_save_last_checkpoint`` (its file name, version counter and bookkeeping),
     so Lightning's ``--ckpt_path last`` finds the file. Every rank calls it (saving is collective).
+
+    Args:
+        trainer: the fitting trainer.
+        callbacks: the ``ModelCheckpoint`` callbacks to save (default: all of the trainer's).
     """
     paths = []
-    for callback in trainer.checkpoint_callbacks:
+    for callback in trainer.checkpoint_callbacks if callbacks is None else callbacks:
         if not isinstance(callback, ModelCheckpoint) or not callback.save_last:
             continue
         if callback._last_global_step_saved != trainer.global_step:  # else it saved last.ckpt itself at this step
