@@ -83,10 +83,11 @@ class PredictionWriter(BasePredictionWriter):
         output: the JSONL file to write; default ``<trainer.default_root_dir>/predictions.jsonl``.
         echo: also print each response with its tokens per forward as it is written.
         overwrite: predict every prompt again and replace ``output`` with the new records once they
-            are all written (the old file stays until then; a killed run's shards are removed). Without
-            it, earlier records are reused only when their prompt and rendered prompt, generation
-            settings, model and tokenizer match this run, and any other earlier record stops the run
-            before it predicts anything.
+            are all written (the old file stays until then; the shards of a stopped overwrite with these
+            settings are reused, other shards removed). Without it, earlier records are reused only when
+            their prompt and rendered prompt, generation settings, model and tokenizer match this run
+            (their reference and other input fields are then taken from this run's prompts), and any
+            other earlier record stops the run before it predicts anything.
         checkpoint: set by the CLI from ``--ckpt_path`` (linked), not by hand: each record
             stores a fingerprint of the weights, so a rerun never reuses another model's records.
     """
