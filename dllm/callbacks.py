@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from dllm import predictions
+from dllm import interrupts, predictions
 from dllm.errors import UserError
 from dllm.lora import merge_lora
 from dllm.records import dumps_line
@@ -83,10 +83,11 @@ class PredictionWriter(BasePredictionWriter):
         output: the JSONL file to write; default ``<trainer.default_root_dir>/predictions.jsonl``.
         echo: also print each response with its tokens per forward as it is written.
         overwrite: predict every prompt again and replace ``output`` with the new records once they
-            are all written (the old file stays until then; a killed run's shards are removed). Without
-            it, earlier records are reused only when their prompt and rendered prompt, generation
-            settings, model and tokenizer match this run, and any other earlier record stops the run
-            before it predicts anything.
+            are all written (the old file stays until then; the shards of a stopped overwrite with these
+            settings are reused, other shards removed). Without it, earlier records are reused only when
+            their prompt and rendered prompt, generation settings, model and tokenizer match this run
+            (their reference and other input fields are then taken from this run's prompts), and any
+            other earlier record stops the run before it predicts anything.
         checkpoint: set by the CLI from ``--ckpt_path`` (linked), not by hand: each record
             stores a fingerprint of the weights, so a rerun never reuses another model's records.
     """
@@ -123,7 +124,10 @@ class PredictionWriter(BasePredictionWriter):
         self.path = Path(self.output) if self.output else Path(trainer.default_root_dir) / "predictions.jsonl"
         self._model = predictions.model_fingerprint(self.checkpoint, pl_module.hparams)
         self._tokenizer = tokenizer_fingerprint(pl_module.tokenizer)
-        self._digests = {item["id"]: item["prompt_digest"] for item in trainer.datamodule.predict_set.items}
+        items = trainer.datamodule.predict_set.items
+        self._digests = {item["id"]: item["prompt_digest"] for item in items}
+        # a reused record is written with today's input fields and reference (``predictions.with_inputs``)
+        self._inputs = {item["id"]: (item.get("extra") or {}, item.get("reference")) for item in items}
         # rank 0 decides (lock, what to reuse) and tells the others, so every rank stops on the same error
         outcome = self._prepare(trainer, pl_module) if trainer.is_global_zero else None
         outcome = trainer.strategy.broadcast(outcome, src=0)
@@ -145,28 +149,21 @@ class PredictionWriter(BasePredictionWriter):
             note = self._lock.acquire()
             if note:
                 rank_zero_info(note)
-            if self.overwrite:  # the old output stays until the new one replaces it (merge)
-                for old in self._shards():
-                    old.unlink()
-                return {"reuse": []}
-            for shard in self._shards():
-                predictions.repair_torn_tail(shard)
-            existing = self._existing()
+            predictions.remove_torn_merge(self.path)
             prompts = {item["id"]: item["prompt"] for item in trainer.datamodule.predict_set.items}
             settings = pl_module.generation.recorded()
-            why = predictions.mismatch(existing, prompts, settings, self._model, self._tokenizer, self._digests)
-            if why:
-                raise UserError(
-                    f"{self.path} already holds {len(existing)} predictions that this run may not reuse: {why}; "
-                    "pass --predictions.overwrite true to replace them, or choose another --predictions.output"
-                )
-            return {"reuse": sorted(existing)}
+
+            def why_not(records: dict[str, dict]) -> str | None:
+                return predictions.mismatch(records, prompts, settings, self._model, self._tokenizer, self._digests)
+
+            return {"reuse": predictions.reusable(self.path, self._shards(), why_not, self.overwrite)}
         except UserError as e:
             self._lock.release()
             return {"error": str(e)}
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        with self._shard.open("a", encoding="utf-8") as f:
+        # a stop signal waits until the batch's lines are whole
+        with interrupts.deferred(), self._shard.open("a", encoding="utf-8") as f:
             for record in prediction:
                 record = {
                     **record,
@@ -190,6 +187,14 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._release()
+        shard = getattr(self, "_shard", None)
+        if isinstance(exception, interrupts.Stopped) and shard is not None:
+            kept = len(predictions.read_predictions(shard)) if shard.is_file() else 0
+            interrupts.state.notes.append(
+                f"{kept} finished predictions kept in {shard}; the same command resumes them"
+                if kept
+                else f"no batch had finished, nothing written to {self.path}"
+            )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         try:
@@ -209,6 +214,9 @@ class PredictionWriter(BasePredictionWriter):
         With ``overwrite`` only this run's records (the shards) count: the old output is replaced, never merged.
         """
         records = self._existing(output=not self.overwrite)
+        records = {
+            i: predictions.with_inputs(r, *self._inputs[i]) if i in self._inputs else r for i, r in records.items()
+        }
         missing = [i for i in order if i not in records]
         predictions.write_in_order(self.path, records, order)
         for shard in self._shards():

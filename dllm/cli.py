@@ -18,7 +18,9 @@ On top of Lightning's CLI it
 ``main()`` is the entry point: a user mistake (``UserError``, a bad flag) prints
 one ``error:`` line and exits with code 2; a resume of a finished run prints one line
 and exits with code 0; ``--debug`` (or ``DLLM_DEBUG=1``) keeps the traceback and
-jsonargparse's full message.
+jsonargparse's full message. SIGTERM and SIGINT stop a run as ``dllm.interrupts`` describes (one line,
+exit code 143 / 130); every fit gets ``dllm.resume.ResumePoint`` (``last.ckpt`` at each validation and on
+those signals, this run's optimizer settings on a resume).
 """
 
 from __future__ import annotations
@@ -40,14 +42,17 @@ from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from transformers.utils import logging as hf_logging
 
+from dllm import interrupts
 from dllm.callbacks import LineProgress, PredictionWriter
 from dllm.checks import check_prediction_output, check_settings, config_file_error
 from dllm.data import DLLMDataModule
 from dllm.errors import UserError
 from dllm.module import DLLMModule, GenerationSettings
 from dllm.records import check_arguments, check_records
+from dllm.resume import ResumePoint, unset_settings, weights_mismatch
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # --ckpt_path values Lightning resolves itself (not files)
@@ -116,6 +121,9 @@ class DLLMCLI(LightningCLI):
         model = self.config[subcommand].get("model") if subcommand else None
         given = {k: model.get(k) for k in RUNTIME_MODEL_KEYS if model.get(k) is not None} if model else {}
         try:
+            if subcommand == "fit":
+                self._fill_from_checkpoint()
+                return
             super()._parse_ckpt_path()
         except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:  # the file passed check_checkpoint
             path = self.config[self.config.subcommand].get("ckpt_path")
@@ -144,12 +152,32 @@ class DLLMCLI(LightningCLI):
         if wants_bar and "callbacks" not in kwargs and not any(isinstance(c, ProgressBar) for c in callbacks):
             # a bar redraws one line with carriage returns: in a log file that is no progress at all
             kwargs["callbacks"] = [*callbacks, TQDMProgressBar() if sys.stderr.isatty() else LineProgress()]
+        if self.subcommand == "fit" and not any(isinstance(c, ResumePoint) for c in callbacks):
+            # every fit leaves a resumable last.ckpt at each validation and on SIGTERM/SIGINT
+            kwargs["callbacks"] = [*kwargs.get("callbacks", callbacks), ResumePoint()]
         return super().instantiate_trainer(**kwargs)
+
+    def _fill_from_checkpoint(self) -> None:
+        """``fit --ckpt_path`` (a file or ``last``): the checkpoint fills the model settings this run leaves unset."""
+        arg = self.config.fit.get("ckpt_path")
+        path = last_checkpoint(self.config.fit.trainer) if str(arg) == "last" else Path(arg) if arg else None
+        unset = unset_settings(path, self.config.fit.model) if path is not None else {}
+        if unset:
+            self.config = self.parser.parse_object({"fit": {"model": unset}}, self.config)
 
     def _run_subcommand(self, subcommand: str) -> None:
         new_folders = [f for f in _log_folders(self.trainer) if not f.exists()]
         try:
             super()._run_subcommand(subcommand)
+        except RuntimeError as e:  # a checkpoint of another model: one line, not torch's report of every tensor
+            mismatch = weights_mismatch(e)
+            if mismatch is None:
+                raise
+            arg = self.config[subcommand].get("ckpt_path")
+            raise UserError(
+                f"--ckpt_path {arg}: its weights do not fit this model ({mismatch}); give the model settings it "
+                "was trained with (e.g. the same --config), or another checkpoint"
+            ) from e
         finally:  # also when the run failed: an empty version_N only hides the previous run's logs
             for folder in new_folders:
                 remove_if_unlogged(folder)
@@ -405,8 +433,11 @@ def main(subcommand: str | None = None, **kwargs: Any) -> None:
     if not debug:  # raise parse errors to us instead of printing the usage and a many-line report
         no_exit = {"exit_on_error": False}
         kwargs.setdefault("parser_kwargs", {**no_exit, **{name: dict(no_exit) for name in SUBCOMMANDS}})
+    previous = interrupts.install()  # SIGTERM/SIGINT: stop soon, keep what is finished, exit 143/130
     try:
         DLLMCLI(args=args, **kwargs)
+    except (interrupts.Stopped, SIGTERMException) as e:
+        interrupts.exit_stopped(e, rank_zero_only.rank == 0)
     except NothingToTrain as e:
         if rank_zero_only.rank == 0:  # under torchrun every rank got here
             print(str(e), file=sys.stderr)
@@ -419,6 +450,8 @@ def main(subcommand: str | None = None, **kwargs: Any) -> None:
         if rank_zero_only.rank == 0:  # every rank of a multi-device run gets the same mistake: say it once
             print(f"error: {one_line(mistake)}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        interrupts.restore(previous)
 
 
 def _user_error(error: BaseException) -> UserError | None:

@@ -9,9 +9,14 @@
 - ``mismatch``: an earlier record is reused only when its prompt, its rendered prompt, the
   generation settings, the model and the tokenizer match this run; anything else is named, in
   one line, and nothing is deleted.
+- ``reusable``: applies ``mismatch`` to the output and each leftover shard, naming the file that holds a
+  record it may not reuse; shards that match this run while the output does not are a stopped
+  ``--predictions.overwrite``, which the same command finishes (the shards are reused).
 - ``OutputLock``: ``<output>.lock`` so two runs never write one output; a lock left by a
   killed run on this host (or left empty or unreadable) is taken over.
-- ``score``: exact- and contains-match rates over records that carry a reference.
+- ``with_inputs``: a reused record takes this run's input fields and reference (they are not part of
+  what was generated), so the scores always compare against today's references.
+- ``score`` (``dllm.scoring``): exact- and contains-match rates over records that carry a reference.
 """
 
 from __future__ import annotations
@@ -20,12 +25,14 @@ import hashlib
 import json
 import os
 import socket
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from dllm.errors import UserError
 from dllm.records import decode_text, dumps_line, split_lines
+from dllm.scoring import is_exact_match, score  # noqa: F401  (their home before dllm.scoring)
 
 # The model options that change what the same weights compute (or which weights and tokenizer load).
 MODEL_KEYS = ("pretrained", "model_config", "tokenizer", "dtype", "trust_remote_code", "attn_implementation")
@@ -241,6 +248,55 @@ def mismatch(
     return None
 
 
+def reusable(output: Path, shards: list[Path], why_not: Callable[[dict], str | None], overwrite: bool) -> list[str]:
+    """The ids of earlier records this run reuses, or ``UserError`` naming the file that holds one it may not.
+
+    Args:
+        output: the predictions file (an earlier run's, if any).
+        shards: ``<output>.rank<r>`` of a run that was killed or stopped before it merged them.
+        why_not: ``mismatch`` bound to this run: why some records may not be reused, or ``None``.
+        overwrite: ``--predictions.overwrite``: the output is never reused; shards are reused when they all
+            match this run (an overwrite that was stopped: the same command finishes it) and removed otherwise.
+    """
+    for shard in shards:
+        repair_torn_tail(shard)
+    sources = [(shard, read_predictions(shard)) for shard in shards]
+    in_shards = {i: r for _, records in sources for i, r in records.items()}
+    ours = bool(in_shards) and why_not(in_shards) is None  # the shards of a stopped run of these very settings
+    if overwrite:
+        if not ours:
+            for shard in shards:
+                shard.unlink()
+        return sorted(in_shards) if ours else []
+    earlier = read_predictions(output)
+    for source, records in [(output, earlier), *sources]:
+        why = why_not(records) if records else None
+        if why:
+            hint = "pass --predictions.overwrite true to replace them"
+            if ours and source == output:
+                names = ", ".join(str(s) for s in shards)
+                hint = (
+                    f"{names} {'holds' if len(shards) == 1 else 'hold'} {len(in_shards)} predictions of this run, "
+                    "left by an interrupted --predictions.overwrite run: pass --predictions.overwrite true to finish "
+                    "it (they are reused)"
+                )
+            raise UserError(
+                f"{source} already holds {len(records)} predictions that this run may not reuse: {why}; "
+                f"{hint}, or choose another --predictions.output"
+            )
+    return sorted({**earlier, **in_shards})
+
+
+def remove_torn_merge(output: Path) -> None:
+    """Remove ``<output>.tmp`` of a run killed while it merged: the shards it was merging are still there."""
+    tmp = output.with_name(output.name + ".tmp")
+    if tmp.is_file():
+        tmp.unlink()
+        print(
+            f"removed {tmp}, left by a run killed while it merged (the shards still hold its records)", file=sys.stderr
+        )
+
+
 # ----------------------------------------------------------------------------
 # One writer per output
 
@@ -333,54 +389,23 @@ class OutputLock:
 
 
 # ----------------------------------------------------------------------------
-# Scoring against references
+# What a reused record takes from this run
+
+# what generation wrote into a record (the rest of a record is the input's: its fields and its reference)
+GENERATED_KEYS = (
+    "new_tokens", "finish_reason", "forwards", "settings", "response_ids", "tokenizer", "checkpoint", "prompt_digest",
+)  # fmt: skip
 
 
-def _target(record: Mapping[str, Any]) -> str | None:
-    """What the response should contain: the task answer when there is one, else the reference text."""
-    for key in ("answer", "reference"):
-        value = record.get(key)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and str(value).strip():
-            return str(value).strip()
-    return None
+def with_inputs(record: Mapping[str, Any], extra: Mapping[str, Any], reference: str | None) -> dict:
+    """``record`` with this run's input fields (``extra``) and ``reference`` in place of those it was written with.
 
-
-def is_exact_match(record: Mapping[str, Any]) -> bool:
-    """The task's answer checker for embedded-task records, else the whole response equals the reference."""
-    from dllm.tasks import TASKS, check_answer
-
-    if record.get("task") in TASKS and record.get("answer") is not None:
-        return check_answer(record["task"], record["response"], str(record["answer"]))
-    reference = record.get("reference")
-    return isinstance(reference, str) and record["response"].strip() == reference.strip()
-
-
-def score(records: Iterable[Mapping[str, Any]]) -> dict[str, Any] | None:
-    """Exact- and contains-match rates over the records with a reference (or answer); ``None`` without any.
-
-    Contains-match: the answer (or, without one, the reference text) occurs in the response.
-    Tokens per forward covers every record.
+    A reuse matches the prompt, the model and the settings, not the references (``response``, ``answer``,
+    ``data.reference_key``) nor the other fields of the input record: those may have been corrected since,
+    and the scores must compare against them. The field order is the one a fresh record has.
     """
-    from torchmetrics.aggregation import MeanMetric
-
-    exact, contains = MeanMetric(), MeanMetric()
-    total = scored = tokens = forwards = 0
-    for record in records:
-        total += 1
-        tokens += int(record.get("new_tokens", 0))
-        forwards += int(record.get("forwards", 0))
-        target = _target(record)
-        if target is None:
-            continue
-        scored += 1
-        exact.update(float(is_exact_match(record)))
-        contains.update(float(target in record["response"]))
-    if not scored:
-        return None
-    return {
-        "records": total,
-        "scored": scored,
-        "exact_match": round(float(exact.compute()), 6),
-        "contains_match": round(float(contains.compute()), 6),
-        "tokens_per_forward": round(tokens / max(forwards, 1), 4),
-    }
+    out = {**extra, "id": record["id"], "prompt": record["prompt"], "response": record["response"]}
+    if reference is not None:
+        out["reference"] = reference
+    out.update({k: record[k] for k in GENERATED_KEYS if k in record})
+    return out

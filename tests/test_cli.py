@@ -119,8 +119,11 @@ def predicted(two_runs, tmp_path):
 
 
 def plant(path: Path, records: list[dict]) -> list[dict]:
-    """Mark each record (a field no run writes), so a rerun shows whether it reused or regenerated it."""
-    marked = [{**r, "planted": i} for i, r in enumerate(records)]
+    """Mark each record (a forwards count no run reaches), so a rerun shows whether it reused or regenerated it.
+
+    The mark is a generated field: a reused record takes its other fields from this run's input.
+    """
+    marked = [{**r, "forwards": 1000 + i} for i, r in enumerate(records)]
     path.write_text("".join(json.dumps(r) + "\n" for r in marked))
     return marked
 
@@ -353,7 +356,7 @@ def test_line_separators_in_prompts_and_responses_never_jam_predict(two_runs, tm
     assert [r["prompt"] for r in records] == list(hostile.values())
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3  # one line per record for any reader
     # an output written by an older version: the separators raw inside the strings, in responses too
-    raw = [{**r, "response": r["response"] + "\u2028\x85", "planted": True} for r in records]
+    raw = [{**r, "response": r["response"] + "\u2028\x85"} for r in records]
     (out / "predictions.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in raw))
     assert predict(out, checkpoint, prompts) == raw  # read, reused, written back
 
