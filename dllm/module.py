@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric, SumMetric
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dllm.draft_sources import parse_sources
+from dllm.drift import BaseReference, drift_stats
 from dllm.errors import UserError
 from dllm.generation import iterative_generate
 from dllm.lora import LoraSettings, add_lora
@@ -117,6 +118,10 @@ def check_objective(hp) -> None:
         "consistency": (hp.get("consistency", "hard") in ("hard", "soft"), "'hard' or 'soft'"),
         "noise_block_size": (hp.noise_block_size >= 1, ">= 1"),
         "ar_loss_weight": (hp.ar_loss_weight >= 0, ">= 0"),
+        "drift_weight": (
+            hp.get("drift_weight", 0.0) >= 0 and (hp.get("drift_weight", 0.0) == 0 or hp.loss_chunk_size is None),
+            ">= 0 (0 = off), and 0 with loss_chunk_size",
+        ),
         "loss_window": (
             hp.loss_window is None or (hp.loss_window >= 1 and hp.noise_schedule != "packed"),
             ">= 1 or null (null with noise_schedule 'packed')",
@@ -161,6 +166,14 @@ class DLLMModule(L.LightningModule):
             the clean stream's detached distribution for the same target).
         ar_loss_weight: weight of an extra clean-input next-token loss (0 = off; ``"packed"`` takes it from the
             rounds' forward).
+        drift_weight: weight of the drift term, ``KL(base || tuned)`` per answer token on the clean answer
+            (``dllm.drift``): it keeps the tuned model's next-token distributions the base model's. 0 = off.
+            The base is the model with its LoRA adapters off (one more no-grad forward), or without ``lora``
+            a frozen copy of the loaded weights (their memory again). Not with ``loss_chunk_size``.
+        val_drift: the drift meter: validation logs ``val/kl_to_base`` (``KL(base || tuned)`` per answer token)
+            and ``val/argmax_agreement``, teacher-forced on the validation answers. ``None`` = when it needs no
+            copy of the weights (LoRA, or ``drift_weight > 0``); ``true`` = also for a full fine-tune (a frozen
+            copy); ``false`` = off.
         loss_chunk_size: project the LM head this many positions at a time (large vocabularies).
         loss_window: score the rounds on the clean prefix and this many targets from the first noised token
             (set it to the inference block, N + 1); ``None`` scores the whole response.
@@ -196,6 +209,8 @@ class DLLMModule(L.LightningModule):
         noise_block_size: int = 8,
         consistency: Literal["hard", "soft"] = "hard",
         ar_loss_weight: float = 0.0,
+        drift_weight: float = 0.0,
+        val_drift: bool | None = None,
         loss_chunk_size: int | None = None,
         loss_window: int | None = None,
         lr: float = 3e-4,
@@ -231,6 +246,12 @@ class DLLMModule(L.LightningModule):
         if gradient_checkpointing:  # transformers 5 renamed it; the old name warns
             enable = getattr(self.model, "activation_checkpointing_enable", None)
             (enable or self.model.gradient_checkpointing_enable)()
+        # the base model for the drift term and meter: taken now, from the loaded weights (a resumed fit loads
+        # its checkpoint after this, so a frozen copy is still the base)
+        wanted = val_drift if val_drift is not None else (lora is not None or drift_weight > 0)
+        self.reference = BaseReference.of(self.model) if wanted or drift_weight > 0 else None
+        self.val_kl_to_base = MeanMetric()
+        self.val_argmax_agreement = MeanMetric()
         self.val_exact_match = MeanMetric()
         self.val_tokens_per_forward = MeanMetric()
         self.val_generated_tokens = SumMetric()  # with the seconds below: val/tokens_per_s
@@ -279,6 +300,8 @@ class DLLMModule(L.LightningModule):
             loss_chunk_size=hp.loss_chunk_size,
             loss_window=hp.get("loss_window"),  # absent from checkpoints written before it existed
             consistency=hp.get("consistency", "hard"),
+            drift_weight=hp.get("drift_weight", 0.0),
+            reference=self.reference,
         )
 
     def _generator(self, seed: int) -> torch.Generator:
@@ -297,6 +320,8 @@ class DLLMModule(L.LightningModule):
             self.log(f"train/loss_round{r}", loss, batch_size=size, sync_dist=True)
         if out.ar_loss is not None:
             self.log("train/ar_loss", out.ar_loss, batch_size=size, sync_dist=True)
+        if out.drift is not None:
+            self.log("train/drift", out.drift, prog_bar=True, batch_size=size, sync_dist=True)
         self.log("train/noise_ratio", out.noise_ratio, batch_size=size, sync_dist=True)
         return out.loss
 
@@ -306,6 +331,14 @@ class DLLMModule(L.LightningModule):
         self.log("val/loss", out.loss, prog_bar=True, batch_size=size, sync_dist=True)
         for r, loss in enumerate(out.round_losses):
             self.log(f"val/loss_round{r}", loss, batch_size=size, sync_dist=True)
+        if self.reference is not None and self.hparams.get("val_drift") is not False:
+            ids, mask, response = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+            stats = drift_stats(self.model, self.reference, ids, mask, response)
+            if stats.count:  # token-weighted over batches and ranks, as bench/real.py
+                self.val_kl_to_base.update(stats.kl_sum / stats.count, stats.count)
+                self.val_argmax_agreement.update(stats.same_argmax / stats.count, stats.count)
+                self.log("val/kl_to_base", self.val_kl_to_base, prog_bar=True, batch_size=size)
+                self.log("val/argmax_agreement", self.val_argmax_agreement, prog_bar=True, batch_size=size)
         limit = self.hparams.val_generate_batches
         if limit < 0 or batch_idx < limit:
             settings = {"max_new_tokens": min(self.generation.max_new_tokens, self.hparams.val_max_new_tokens)}

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from dllm.drift import BaseReference, kl_to_base
 from dllm.lm_head import at_least_fp32, chunked_loss_and_argmax, decoder_hidden_states
 from dllm.packed import Consistency, pack_blocks, packed_refine_loss
 
@@ -35,13 +36,15 @@ class RefineLossOutput:
         loss: scalar with grad, ``sum_r w_r * loss_r`` (+ ``ar_loss_weight * ar_loss``).
         round_losses: ``num_rounds`` detached scalars.
         noise_ratio: detached scalar, the fraction of response tokens replaced by EOS.
-        ar_loss: detached clean-input next-token loss, when ``ar_loss_weight > 0``.
+        ar_loss: detached clean-input next-token loss, when ``ar_loss_weight > 0`` (or ``drift_weight > 0``).
+        drift: detached ``KL(base || model)`` per answer token on the clean stream, when ``drift_weight > 0``.
     """
 
     loss: torch.Tensor
     round_losses: list[torch.Tensor]
     noise_ratio: torch.Tensor
     ar_loss: torch.Tensor | None = None
+    drift: torch.Tensor | None = None
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -159,6 +162,8 @@ def iterative_refine_loss(
     loss_chunk_size: int | None = None,
     loss_window: int | None = None,
     consistency: Consistency = "hard",
+    drift_weight: float = 0.0,
+    reference: BaseReference | None = None,
 ) -> RefineLossOutput:
     """The iterative-refine loss (docs/method.md, section 8).
 
@@ -193,6 +198,12 @@ def iterative_refine_loss(
         consistency: ``"packed"`` only: ``"hard"`` scores a noisy token against the clean token,
             ``"soft"`` against the clean stream's detached distribution for the same target
             (``KL(clean || noisy)``).
+        drift_weight: weight of the drift term, ``KL(base || model)`` per answer token on the clean answer
+            (:mod:`dllm.drift`): it keeps the tuned model's next-token distributions the base model's. 0 = off.
+            The i.i.d. schedules run the clean forward for it (shared with ``ar_loss_weight``); ``"packed"``
+            takes the clean stream of the rounds' forward. Either way one more no-grad forward of the base.
+            Not with ``loss_chunk_size``.
+        reference: the base model's logits (:class:`dllm.drift.BaseReference`), needed when ``drift_weight > 0``.
     """
     if num_rounds < 1:
         raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
@@ -206,6 +217,15 @@ def iterative_refine_loss(
         raise ValueError(f"loss_window must be >= 1 or None, got {loss_window}")
     if noise_schedule not in ("iid", "block", "prefix", "packed"):
         raise ValueError(f"noise_schedule must be 'iid', 'block', 'prefix' or 'packed', got {noise_schedule!r}")
+    if drift_weight < 0:
+        raise ValueError(f"drift_weight must be >= 0, got {drift_weight}")
+    if drift_weight > 0 and (reference is None or loss_chunk_size is not None):
+        raise ValueError("drift_weight > 0 needs a reference (dllm.drift.BaseReference) and loss_chunk_size=None")
+    base = None
+    if drift_weight > 0:  # the base model's logits at the clean answer's scored positions, row-major
+        response = response_mask.bool() & attention_mask.bool()
+        base = reference(input_ids, attention_mask, position_ids_from_mask(attention_mask))
+        base = base[response_targets(input_ids, response)[0]]
     if noise_schedule == "packed":
         if loss_window is not None:
             raise ValueError(f"loss_window must be None with noise_schedule='packed', got {loss_window}")
@@ -214,11 +234,15 @@ def iterative_refine_loss(
         packed = pack_blocks(input_ids, attention_mask, response_mask, block_size=block_size,
                              eos_token_id=eos_token_id, noise_min=noise_min, noise_max=noise_max,
                              generator=generator)  # fmt: skip
-        total, round_losses, ar_loss = packed_refine_loss(
-            model, packed, loss_weights=weights, consistency=consistency, loss_chunk_size=loss_chunk_size
-        )
-        return RefineLossOutput(loss=total + ar_loss_weight * ar_loss, round_losses=round_losses,
-                                noise_ratio=packed.noise_ratio.detach(), ar_loss=ar_loss.detach())  # fmt: skip
+        total, round_losses, ar_loss, drift = packed_refine_loss(
+            model, packed, loss_weights=weights, consistency=consistency, loss_chunk_size=loss_chunk_size,
+            base_clean_logits=base,
+        )  # fmt: skip
+        total = total + ar_loss_weight * ar_loss
+        if drift is not None:
+            total, drift = total + drift_weight * drift, drift.detach()
+        return RefineLossOutput(loss=total, round_losses=round_losses, noise_ratio=packed.noise_ratio.detach(),
+                                ar_loss=ar_loss.detach(), drift=drift)  # fmt: skip
 
     response = response_mask.bool() & attention_mask.bool()
     all_where, all_targets = response_targets(input_ids, response)
@@ -238,9 +262,18 @@ def iterative_refine_loss(
         # next round: clean prompt, response position p holds argmax of logits at p - 1
         ids = input_ids.clone()
         ids[:, 1:][where[:, :-1]] = argmax
-    ar_loss = None
-    if ar_loss_weight > 0:
+    ar_loss = drift = None
+    if drift_weight > 0:  # one clean forward with grad gives both the AR term and the drift term
+        position_ids = position_ids_from_mask(attention_mask)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        clean = at_least_fp32(logits[all_where])
+        loss = F.cross_entropy(clean, all_targets, reduction="sum") / max(all_targets.numel(), 1)
+        drift = kl_to_base(clean, base).sum() / max(all_targets.numel(), 1)
+        total = total + ar_loss_weight * loss + drift_weight * drift
+        ar_loss, drift = loss.detach(), drift.detach()
+    elif ar_loss_weight > 0:
         loss, _ = response_loss_and_argmax(model, input_ids, attention_mask, all_where, all_targets, loss_chunk_size)
         total = total + ar_loss_weight * loss
         ar_loss = loss.detach()
-    return RefineLossOutput(loss=total, round_losses=round_losses, noise_ratio=noise_ratio.detach(), ar_loss=ar_loss)
+    return RefineLossOutput(loss=total, round_losses=round_losses, noise_ratio=noise_ratio.detach(), ar_loss=ar_loss,
+                            drift=drift)  # fmt: skip

@@ -208,18 +208,26 @@ def packed_refine_loss(
     loss_weights: list[float],
     consistency: Consistency = "hard",
     loss_chunk_size: int | None = None,
-) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    base_clean_logits: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
     """The rounds' draft losses and the clean stream's next-token loss, one forward per round.
+
+    ``base_clean_logits``: the base model's logits at the clean stream's scored positions (row-major, as
+    ``clean_scored``; a plain forward of the rows gives them, since the clean stream's logits are a plain
+    forward's), for the drift term (:mod:`dllm.drift`); not with ``loss_chunk_size``.
 
     Returns:
         ``(sum_r w_r * draft_r, [draft_r detached], ar_loss)``: ``draft_r`` is the mean over all
         noisy tokens of the batch of the cross-entropy against the clean target (``consistency="hard"``)
         or of ``KL(clean || noisy)``, the clean stream's detached distribution for the same target
         (``"soft"``); ``ar_loss`` (with grad) is the mean next-token cross-entropy of the clean stream
-        over the response targets, from round 0's forward.
+        over the response targets, from round 0's forward; then ``drift`` (with grad), the mean
+        ``KL(base || model)`` over the same positions, or ``None`` without ``base_clean_logits``.
     """
     if consistency not in ("hard", "soft"):
         raise ValueError(f"consistency must be 'hard' or 'soft', got {consistency!r}")
+    if base_clean_logits is not None and loss_chunk_size is not None:
+        raise ValueError("the drift term (base_clean_logits) needs loss_chunk_size=None")
     mask = packed_attention_mask(model, packed)
     noisy, clean = packed.noisy, packed.clean_scored
     rows, cols = noisy.nonzero(as_tuple=True)
@@ -227,7 +235,7 @@ def packed_refine_loss(
     noisy_targets, clean_targets = packed.targets[noisy], packed.targets[clean]
     n_noisy, n_clean = max(noisy_targets.numel(), 1), max(clean_targets.numel(), 1)
     argmax = torch.zeros_like(packed.input_ids)  # per column, where scored: what the next round reads
-    ids, total, round_losses, ar_loss = packed.input_ids, 0.0, [], None
+    ids, total, round_losses, ar_loss, drift = packed.input_ids, 0.0, [], None, None
     for weight in loss_weights:
         inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": packed.position_ids}
         if loss_chunk_size is None:
@@ -242,6 +250,8 @@ def packed_refine_loss(
                 clean_logits = at_least_fp32(logits[clean])
                 ar_loss = F.cross_entropy(clean_logits, clean_targets, reduction="sum") / n_clean
                 argmax[clean] = clean_logits.detach().argmax(-1)
+                if base_clean_logits is not None:  # the drift term: KL(base || model) on the clean stream
+                    drift = soft_loss(clean_logits, base_clean_logits) / n_clean
         else:
             hidden = decoder_hidden_states(model, **inputs)
             soft = hidden[rows, twin_cols].detach() if consistency == "soft" else None
@@ -254,4 +264,4 @@ def packed_refine_loss(
         round_losses.append(draft.detach())
         ids = ids.clone()
         ids[noisy] = argmax[rows, feeder_cols]
-    return total, round_losses, ar_loss
+    return total, round_losses, ar_loss, drift
