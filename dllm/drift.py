@@ -136,7 +136,7 @@ def drift_stats(
     """
     response = response_mask.bool() & attention_mask.bool()
     where = torch.zeros_like(response)
-    where[:, :-1] = response[:, 1:]
+    where[:, :-1] = response[:, 1:] & attention_mask[:, :-1].bool()  # padding predicts nothing
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     tuned = model(**inputs).logits[where]

@@ -91,14 +91,20 @@ def eos_noise_mask(
     return response & (index >= cut) & (index < cut + block_size)
 
 
-def response_targets(input_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def response_targets(
+    input_ids: torch.Tensor, response_mask: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the loss counts and what it predicts.
 
     Returns ``(where, targets)``: ``where[b, p]`` is True when the logits at
-    position ``p`` predict a response token (``response_mask[b, p + 1] == 1``);
+    position ``p`` predict a response token (``response_mask[b, p + 1] == 1``)
+    and ``p`` is a token of the row (``attention_mask[b, p] == 1``: a left-padded
+    row with no prompt has only padding before its first token, which predicts nothing);
     ``targets`` are those clean tokens, in row-major order.
     """
     where = response_mask[:, 1:].bool()
+    if attention_mask is not None:
+        where = where & attention_mask[:, :-1].bool()
     where = torch.cat([where, where.new_zeros(where.size(0), 1)], dim=1)
     return where, input_ids[:, 1:][where[:, :-1]]
 
@@ -225,7 +231,7 @@ def iterative_refine_loss(
     if drift_weight > 0:  # the base model's logits at the clean answer's scored positions, row-major
         response = response_mask.bool() & attention_mask.bool()
         base = reference(input_ids, attention_mask, position_ids_from_mask(attention_mask))
-        base = base[response_targets(input_ids, response)[0]]
+        base = base[response_targets(input_ids, response, attention_mask)[0]]
     if noise_schedule == "packed":
         if loss_window is not None:
             raise ValueError(f"loss_window must be None with noise_schedule='packed', got {loss_window}")
@@ -245,7 +251,7 @@ def iterative_refine_loss(
                                 ar_loss=ar_loss.detach(), drift=drift)  # fmt: skip
 
     response = response_mask.bool() & attention_mask.bool()
-    all_where, all_targets = response_targets(input_ids, response)
+    all_where, all_targets = response_targets(input_ids, response, attention_mask)
     noise = eos_noise_mask(response, noise_min, noise_max, generator, noise_schedule, block_size)
     noise_ratio = noise.sum() / response.sum().clamp(min=1)
     where, targets = all_where, all_targets

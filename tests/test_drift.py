@@ -45,7 +45,8 @@ def naive_drift(base, model, ids, attn, resp) -> tuple[float, int, int]:
     kl, same, count = 0.0, 0, 0
     for b in range(ids.size(0)):
         row, answer = ids[b][attn[b].bool()], resp[b][attn[b].bool()].bool()
-        start = int(answer.nonzero()[0])  # first answer token
+        # the first answer-predicting position; a row with no prompt has nothing before its first token
+        start = max(int(answer.nonzero()[0]), 1)
         with torch.no_grad():
             logp = base(row[None]).logits[0, start - 1 : -1].double().log_softmax(-1)
             logq = model(row[None]).logits[0, start - 1 : -1].double().log_softmax(-1)

@@ -142,6 +142,22 @@ def test_padding_never_counts(noise):
     assert torch.allclose(a.loss, b.loss, atol=1e-10)
 
 
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+def test_left_padding_before_a_row_without_prompt_predicts_nothing(noise):
+    """A row that is all response, left-padded: the padding before its first token scores no target."""
+    model = build_model("llama")
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 40, (1, 6), generator=gen)
+    ids[0, -1] = EOS
+    ones = torch.ones_like(ids)
+    padded = torch.cat([torch.randint(3, 40, (1, 3), generator=gen), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), ones], dim=1)
+    kwargs = dict(eos_token_id=EOS, num_rounds=2, noise_min=noise, noise_max=noise, ar_loss_weight=1.0)
+    alone = iterative_refine_loss(model, ids, ones, ones, **kwargs)
+    left = iterative_refine_loss(model, padded, mask, mask, **kwargs)
+    assert torch.allclose(alone.loss, left.loss, atol=1e-10)
+
+
 @pytest.mark.parametrize("t", [0.25, 0.6])
 def test_empirical_noise_ratio_matches_t(t):
     response = torch.zeros(64, 300, dtype=torch.long)
