@@ -67,7 +67,7 @@ IDLE_FADE = 0.99  # ... and at each forward that does not (the drift back toward
 SAMPLES = 16  # step times kept per forward size
 QUANTILE = 0.25  # a size's step cost: this low quantile of its samples (the lowest of up to four)
 HOLD = 8  # forwards a "no draft" decision stands before it is reconsidered
-PROBE_EVERY = 8  # forwards without a draft before a probe drafts anyway (doubling after each vain probe) ...
+PROBE_EVERY = 8  # forwards between probes: a draft longer than the costs say (doubling after each probe) ...
 PROBE_MAX = 64  # ... up to this many
 PROBE_SLOPE = 0.05  # a probe's length: the best draft if each drafted token cost this share of a 1-token step
 MARGIN = 0.05  # a draft must promise to save this share of the time (noise in the measures)
@@ -155,8 +155,8 @@ class DraftPolicy:
         self._table: tuple[np.ndarray, np.ndarray] | None = None  # sizes and their median seconds
         self._held: tuple[int, int] = (0, 0)  # (forwards left, rows) of a standing "no draft" decision
         self.candidates = np.array(_candidates(max_draft))
-        self._idle = 0  # forwards since this call last drafted
-        self._probe_every = PROBE_EVERY  # ... before the next probe
+        self._since = 0  # forwards since the last probe
+        self._probe_every = PROBE_EVERY  # ... before the next one
 
     # --- what the loop reports --------------------------------------------------
 
@@ -359,23 +359,22 @@ class DraftPolicy:
             return 0
         picks = picks or [MODEL] * len(rows)
         only_model = not any(picks)
-        if self._idle >= self._probe_every:  # a "no draft" verdict is revisited at a bounded cost
-            self._probe_every = min(2 * self._probe_every, PROBE_MAX)
-            self._held = (0, 0)
-            return self._drafted(max(1, self._decide(rows, remaining, longest, picks, lengths, _optimistic)))
+        self._since += 1
+        probe = self._since >= self._probe_every  # a verdict from the measured costs is revisited at a bounded cost
         left, held_rows = self._held
-        if left > 0 and held_rows == len(rows) and only_model:  # not drafting is cheap to keep deciding
+        if left > 0 and held_rows == len(rows) and only_model and not probe:  # not drafting is cheap to keep
             self._held = (left - 1, held_rows)
-            return self._drafted(0)
+            return 0
         k = self._decide(rows, remaining, longest, picks, lengths)
         self._held = (HOLD - 1, len(rows)) if k == 0 and only_model else (0, 0)
-        if k:
+        if probe:
+            self._since = 0
+            optimistic = max(1, self._decide(rows, remaining, longest, picks, lengths, _optimistic))
+            if optimistic > k:  # the costs may be what is wrong: measure the length a sane estimate picks
+                self._probe_every = min(2 * self._probe_every, PROBE_MAX)
+                self._held = (0, 0)
+                return optimistic
             self._probe_every = PROBE_EVERY
-        return self._drafted(k)
-
-    def _drafted(self, k: int) -> int:
-        """Count the forwards since the last draft (the probes' clock), and pass ``k`` on."""
-        self._idle = 0 if k else self._idle + 1
         return k
 
     def _decide(self, rows, remaining, longest, picks, lengths, cost=None) -> int:
