@@ -16,13 +16,21 @@ depends on the model, the batch and the device. So:
   from the prompt is either wrong at once or right for a long run. While a
   row's model drafts are not tested, their evidence fades slowly toward the
   prior, so a row that turns predictable is tried again;
-- per row, the source to verify: the one with the most expected confirmed
-  tokens among those with a candidate, never a text source that was measured
-  useless for the row (fewer than 10% of 8 or more tested tokens confirmed);
-- per forward size (rows x columns), the measured time of a loop step (the
-  median of the recent ones; CPU time of the process on a CPU, where other
-  programs make wall time noisy; wall time on an accelerator); other sizes are
-  interpolated;
+- every source is measured at every forward, not only the one verified: the
+  forward's picks up to the first rejection are the exact next tokens, so each
+  candidate that was not verified is judged against them for free (a censored
+  observation when it matched all of them);
+- per row, the source to verify: the one that commits the most over this
+  forward and the next. A text candidate is charged for the model draft it
+  displaces (when it is rejected, the predictions past the rejection were
+  conditioned on its wrong tokens, so the next forward has no fresh model
+  draft), never a text source that was measured useless for the row (fewer
+  than 10% of 8 or more tested tokens confirmed);
+- per forward size (rows x columns), the cost of a loop step: a low quantile
+  (the lowest of up to four, then the 25th percentile of up to 16) of the
+  measured times (CPU time of the process on a CPU, wall time on an
+  accelerator): other programs slow a step, never speed it, so a few absurd
+  times cannot swing it; other sizes are interpolated;
 - each forward takes the draft length ``k`` in ``[0, max_draft]`` that
   minimises the expected time to finish the batch: row ``i`` needs about
   ``left_i / (1 + E_i(k))`` more forwards (``E_i(k)``: the expected confirmed
@@ -39,8 +47,13 @@ magnified its noise: one slow 4-token step priced a 16-token draft at 9x a
 one-token step on SmolLM2, where it cost 2.5x on a loaded CPU). A draft must promise to save
 5% of the time (the measures are noisy), and a decision not to draft stands
 for 8 forwards while only the model's own drafts are on offer (deciding costs
-time too). A text source's prior curve is optimistic past its first position
-(``TEXT_HAZARD``): a copy is either wrong at once or right for a while. Only the number of
+time too). Every 8 forwards (doubling after each probe, up to 64) the policy
+asks what it would draft if each drafted token cost only 5% of a one-token
+step; when that is longer than its decision it drafts that once (a probe): a
+verdict reached from wrong step times is revisited at a bounded cost, and the
+probe's own time corrects the estimate. A text source's prior curve is
+optimistic past its first position (``TEXT_HAZARD``): a copy is either wrong
+at once or right for a while. Only the number of
 forwards depends on any of this, never the tokens.
 
 What a call learns outlives it (:class:`DraftMemory`, one per model): the step
@@ -53,68 +66,37 @@ those curves (as two forwards of evidence) instead of the flat prior, so short a
 from __future__ import annotations
 
 import time
-import weakref
 from collections import deque
 
 import numpy as np
 
+from dllm.draft_memory import MODEL, PRIOR, QUANTILE, SAMPLES, TEXT_HAZARD, DraftMemory, forget, low, memory_of
 from dllm.draft_sources import SOURCES
 
-PRIOR = 0.5  # chance of confirming a draft token, per position, before anything was measured
+__all__ = [
+    "DraftMemory",
+    "DraftPolicy",
+    "forget",
+    "low",
+    "memory_of",
+    "MODEL",
+    "PRIOR",
+    "QUANTILE",
+    "SAMPLES",
+    "TEXT_HAZARD",
+]
+
 REMEMBERED = 2.0  # forwards' worth of evidence a row takes from the model's curve
 FADE = 0.9  # weight kept by past evidence at each forward that tests the row's draft
 IDLE_FADE = 0.99  # ... and at each forward that does not (the drift back toward the prior)
-SAMPLES = 16  # step times kept per forward size
-QUANTILE = 0.25  # a size's step cost: this low quantile of its samples (the lowest of up to four)
 HOLD = 8  # forwards a "no draft" decision stands before it is reconsidered
 PROBE_EVERY = 8  # forwards between probes: a draft longer than the costs say (doubling after each probe) ...
 PROBE_MAX = 64  # ... up to this many
 PROBE_SLOPE = 0.05  # a probe's length: the best draft if each drafted token cost this share of a 1-token step
 MARGIN = 0.05  # a draft must promise to save this share of the time (noise in the measures)
 PROBE = 3  # draft length of the prefill
-TEXT_HAZARD = 0.2  # prior chance that a text source's draft breaks at a position past its first ...
 USELESS_TRIALS = 8  # tested draft tokens before a text source can be judged useless for a row ...
 USELESS_RATE = 0.1  # ... when fewer than this share of them were confirmed: never picked again for it
-MODEL = 0  # the model's own drafts: index in SOURCES
-
-
-class DraftMemory:
-    """What earlier calls on one model measured: step times per forward size and the acceptance rate."""
-
-    def __init__(self):
-        self.times: dict[int, deque] = {}  # forward size -> recent step seconds
-        self.reached: dict[int, np.ndarray] = {}  # max_draft -> [source, position] faded tested drafts
-        self.rejected: dict[int, np.ndarray] = {}  # ... and those rejected at that position
-
-    @property
-    def calibrated(self) -> bool:
-        """Two forward sizes measured: enough to interpolate and extrapolate costs."""
-        return len(self.times) >= 2
-
-    def hazard(self, max_draft: int) -> np.ndarray:
-        """``[source, position]``: the model's chance that a draft is rejected at a position it reached."""
-        reached = self.reached.setdefault(max_draft, np.zeros((len(SOURCES), max_draft)))
-        rejected = self.rejected.setdefault(max_draft, np.zeros((len(SOURCES), max_draft)))
-        prior = np.full(reached.shape, 1.0 - PRIOR)
-        prior[MODEL + 1 :, 1:] = TEXT_HAZARD  # ... for a copy is either wrong at once or right for a while
-        return (rejected + prior) / (reached + 1.0)
-
-
-_MEMORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def memory_of(model, device, dtype) -> DraftMemory:
-    """The :class:`DraftMemory` of ``model`` on ``device`` in ``dtype`` (a new one when either changed)."""
-    where = (str(device), dtype)
-    held = _MEMORIES.get(model)
-    if held is None or held[0] != where:
-        held = _MEMORIES[model] = (where, DraftMemory())
-    return held[1]
-
-
-def forget() -> None:
-    """Drop every model's :class:`DraftMemory` (tests that count calibration steps start from nothing)."""
-    _MEMORIES.clear()
 
 
 class DraftPolicy:
@@ -419,17 +401,6 @@ class DraftPolicy:
         if len(sizes) == 0:
             return np.ones_like(np.asarray(size, dtype=np.float64))
         return np.interp(size, sizes, seconds)
-
-
-def low(samples) -> float:
-    """A low quantile of a size's step times (``QUANTILE``; the lowest of up to four samples).
-
-    Not the median: on a shared machine other programs slow a step down, never
-    speed it up, so the low end is the step's own cost, and a few absurd times (a
-    stall, a busy core) cannot swing it once a sane one is among the samples.
-    """
-    ordered = sorted(samples)
-    return ordered[int(QUANTILE * (len(ordered) - 1))]
 
 
 def _optimistic(size):
