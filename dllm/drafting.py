@@ -277,8 +277,9 @@ class DraftPolicy:
         guesses) only when ``E_t - (1 - S_t) (E_m(n) - E_m(g - 1)) > E_m(g)``,
         ``n`` the longest draft; ties go to the model. Without the charge a
         trained model's placeholder drafts (``g = 0``, after a draft confirmed
-        whole) lost to any n-gram, which spoilt the next draft in turn: 5.28
-        tokens per forward fell to 2.42 (docs/method.md, section 3). Until the
+        whole) lost to any n-gram, which spoilt the next draft in turn (with the
+        other causes: 5.28 tokens per forward fell to 2.42 on the recipe model
+        of ``bench/quality.py``; docs/method.md, section 3). Until the
         model's drafts were tested at all (on any row of any call), a row with
         model guesses verifies those.
 
