@@ -74,7 +74,8 @@ def jacobi_loop(run, add_eos_length: int, policy: DraftPolicy, sources: DraftSou
         batch.commit(tokens.gather(1, accepted[:, None]) if k else tokens)
         batch.rollback(start + most)  # the rejected draft columns
         failed = _failed_candidates(picks, lengths, confirmed, k)
-        pending, predicted = _next_drafts(run, pending, predicted, tokens, accepted, k, failed)
+        extra = () if failed is None else (failed,)  # the old six-argument call when no text candidate failed
+        pending, predicted = _next_drafts(run, pending, predicted, tokens, accepted, k, *extra)
         policy.finished()
         step += 1
         if not bool(going.all()):

@@ -243,7 +243,8 @@ class DraftPolicy:
         summed over the positions.
         """
         reached, rejected = self.reached[rows], self.rejected[rows]
-        self.prior = self.memory.hazard(self.reached.shape[2])  # the model's curve as it stands (rows teach rows)
+        if self.adaptive:  # the model's curve as it stands (rows teach rows); fixed drafts keep rows independent
+            self.prior = self.memory.hazard(self.reached.shape[2])
         hazard = (rejected + REMEMBERED * self.prior) / (reached + REMEMBERED)
         survival = np.cumprod(1.0 - np.minimum(hazard, 1.0), axis=-1)
         return np.concatenate([np.zeros(survival.shape[:2] + (1,)), np.cumsum(survival, axis=-1)], axis=-1)
