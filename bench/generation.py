@@ -288,6 +288,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--replot", type=Path, default=None, help="a JSON written by --out to plot instead of running")
     p.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run the sections in K fresh processes, one after another, and report the spread (min / median /\n"
+        "max) of each configuration's forwards and speed ratio to HF (default: 1, this process)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("bench/results/generation.json"),
@@ -770,6 +777,8 @@ def main(argv: list[str] | None = None) -> dict:
         Everything written to ``--out``.
     """
     args = parse_args(argv)
+    if args.processes > 1:
+        return spread(argv if argv is not None else sys.argv[1:], args)
     if args.replot is not None:
         report = json.loads(args.replot.read_text())
         plot_grounded(report["grounded"], args.plot or Path("docs/generation_grounded.png"))
@@ -833,6 +842,54 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{env['device']} {env['device_name']}, {env['dtype']}, threads={env['threads']}, best of {args.repeats}")
     if not all(r["full_budget"] for r in report.get("methods", [])):
         print("\nwarning: some runs stopped before the budget; their tokens/s are not comparable", file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return report
+
+
+def spread(argv: list[str], args: argparse.Namespace) -> dict:
+    """Run the same command in ``args.processes`` fresh processes and report each configuration's spread.
+
+    Forwards depend on the step times the adaptive policy measured (so on the
+    machine's load), speed ratios on the load during each run: one process
+    says little on a shared machine. Each run writes its own JSON beside
+    ``--out`` (``.run<i>.json``); the spread goes to ``--out``.
+    """
+    import statistics
+    import subprocess
+
+    base = [a for i, a in enumerate(argv) if a != "--processes" and (i == 0 or argv[i - 1] != "--processes")]
+    base = [a for a in base if not a.startswith("--processes=")]
+    runs = []
+    for i in range(args.processes):
+        out = args.out.with_suffix(f".run{i}.json")
+        rest = [a for j, a in enumerate(base) if a != "--out" and (j == 0 or base[j - 1] != "--out")]
+        subprocess.run([sys.executable, __file__, *rest, "--out", str(out)], check=True)
+        runs.append(json.loads(out.read_text()))
+    rows = []
+    for section in ("methods", "sampling", "real", "grounded"):
+        keys = [(r["batch"], r["label"]) for r in runs[0].get(section, [])]
+        for batch, label in keys:
+            found = [r for run in runs for r in run.get(section, []) if (r["batch"], r["label"]) == (batch, label)]
+            row = {"section": section, "batch": batch, "label": label, "runs": len(found)}
+            for key in ("forwards", "ratio_to_hf"):
+                values = [r[key] for r in found if r.get(key) is not None]
+                if values:
+                    row[key] = [min(values), statistics.median(values), max(values)]
+            rows.append(row)
+    lines = [
+        "| section | batch | method | forwards min / median / max | x HF min / median / max | runs |",
+        "|---|---:|---|---|---|---:|",
+    ]
+    for row in rows:
+        fw, x = row.get("forwards"), row.get("ratio_to_hf")
+        fw = f"{fw[0]} / {fw[1]:g} / {fw[2]}" if fw else "-"
+        x = f"{x[0]:.2f} / {x[1]:.2f} / {x[2]:.2f}" if x else "-"
+        lines.append(f"| {row['section']} | {row['batch']} | {row['label']} | {fw} | {x} | {row['runs']} |")
+    print(f"\n## Spread over {args.processes} fresh processes\n\n" + "\n".join(lines))
+    report = {"spread": rows, "processes": args.processes, "runs": [str(args.out.with_suffix(f".run{i}.json"))
+                                                                    for i in range(args.processes)]}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -298,21 +298,25 @@ class Method:
     mode: str
     n: int | None = None
     r: int | None = None
+    sources: str | None = None  # jacobi's draft_sources; None: the library default
 
     @property
     def label(self) -> str:
+        tail = f" sources={self.sources}" if self.sources else ""
         if self.mode == "hf":
             return "AR (HF generate)"
         if self.mode == "adaptive":
-            return f"jacobi adaptive N<={self.n}"
-        return f"refine N={self.n} R={self.r}" if self.mode == "refine" else f"jacobi N={self.n}"
+            return f"jacobi adaptive N<={self.n}{tail}"
+        return f"refine N={self.n} R={self.r}" if self.mode == "refine" else f"jacobi N={self.n}{tail}"
 
 
 def methods(setup: Setup) -> list[Method]:
     grid = [Method("hf")]
     grid += [Method("refine", n, r) for n in setup.refine_n for r in setup.refine_r]
     grid += [Method("jacobi", n) for n in setup.jacobi_n]
-    return grid + [Method("adaptive", max(setup.jacobi_n))]
+    # the model's own drafts alone beside the default sources: a source that costs forwards shows up
+    n = max(setup.jacobi_n)
+    return grid + [Method("jacobi", n, sources="none"), Method("adaptive", n), Method("adaptive", n, sources="none")]
 
 
 def hf_generate(module: DLLMModule, batch: dict, max_new_tokens: int) -> list[dict]:
@@ -335,6 +339,8 @@ def generate(module: DLLMModule, method: Method, batch: dict, setup: Setup) -> l
         return hf_generate(module, batch, setup.max_new_tokens)
     mode = "jacobi" if method.mode == "adaptive" else method.mode
     extra = {"adaptive_draft": method.mode == "adaptive"} if mode == "jacobi" else {}
+    if method.sources:
+        extra["draft_sources"] = method.sources
     return module.generate_records(
         batch, mode=mode, add_eos_length=method.n, refine_iter=method.r or 1, max_new_tokens=setup.max_new_tokens,
         max_length=4096, temperature=0.0, **extra,
@@ -360,7 +366,7 @@ def evaluate(module: DLLMModule, method: Method, batches: list[dict], setup: Set
                 same_as_ar.update(float(record["response"] == reference[batch["id"][i]]))
     total = float(tokens.compute())
     return {
-        "method": method.label, "mode": method.mode, "N": method.n, "R": method.r,
+        "method": method.label, "mode": method.mode, "N": method.n, "R": method.r, "sources": method.sources,
         "accuracy": float(accuracy.compute()), "tpf": total / float(forwards.compute()),
         "tokens_per_s": total / seconds, "seconds": seconds,
         "same_as_ar": float(same_as_ar.compute()) if reference is not None else 1.0, "responses": responses,
@@ -401,10 +407,10 @@ def summary(results: Rows, timing: dict[str, dict], batch1: Rows, setup: Setup) 
     sft = results["sft"][0]["accuracy"] if "sft" in results else None
     stage1 = timing.get("sft", {}).get("train_s")
     lines = [
-        f"| model | AR accuracy | of SFT's | jacobi N={n}: TPF | x HF generate (batch {setup.eval_batch}) "
-        f"| x HF generate (batch 1) | adaptive jacobi: TPF, x HF (batch 1) | {refine}: accuracy | of own AR "
-        "| training s (of SFT's) | training CPU s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | AR accuracy | of SFT's | jacobi N={n}: TPF | ... sources=none | x HF generate (batch "
+        f"{setup.eval_batch}) | x HF generate (batch 1) | adaptive jacobi: TPF, x HF (batch 1) | ... sources=none "
+        f"| {refine}: accuracy | of own AR | training s (of SFT's) | training CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def share(a: float, b: float | None) -> str:
@@ -412,18 +418,23 @@ def summary(results: Rows, timing: dict[str, dict], batch1: Rows, setup: Setup) 
 
     for name, rows in results.items():
         hf, jac, ref = rows[0], pick(rows, f"jacobi N={n}"), pick(rows, refine)
-        single = {r["mode"]: r for r in batch1.get(name, [])}
+        none = pick(rows, f"jacobi N={n} sources=none")
+        single = {r["mode"] + (" none" if r.get("sources") else ""): r for r in batch1.get(name, [])}
         seconds = timing.get(name, {}).get("train_s")
         cost = f"{seconds:.0f}" + (f" ({seconds / stage1:.0%})" if stage1 and name != "sft" else "") if seconds else "-"
         one = f"{single['jacobi']['tokens_per_s'] / single['hf']['tokens_per_s']:.2f}x" if single else "-"
         ada = single.get("adaptive")
         ada = f"{ada['tpf']:.2f}, {ada['tokens_per_s'] / single['hf']['tokens_per_s']:.2f}x" if ada else "-"
+        own = single.get("adaptive none")
+        own = f"{own['tpf']:.2f}, {own['tokens_per_s'] / single['hf']['tokens_per_s']:.2f}x" if own else "-"
+        none_tpf = f"{none['tpf']:.2f}" if none else "-"
         jac_tpf = f"{jac['tpf']:.2f}" if jac else "-"
         jac_x = f"{jac['tokens_per_s'] / hf['tokens_per_s']:.2f}x" if jac else "-"
         ref_acc = f"{ref['accuracy']:.1%}" if ref else "-"
         ref_share = share(ref["accuracy"], hf["accuracy"]) if ref else "-"
         lines.append(
-            f"| {name} | {hf['accuracy']:.1%} | {share(hf['accuracy'], sft)} | {jac_tpf} | {jac_x} | {one} | {ada} "
+            f"| {name} | {hf['accuracy']:.1%} | {share(hf['accuracy'], sft)} | {jac_tpf} | {none_tpf} | {jac_x} "
+            f"| {one} | {ada} | {own} "
             f"| {ref_acc} | {ref_share} | {cost} | {timing.get(name, {}).get('train_cpu_s', '-')} |"
         )
     return "\n".join(lines) + "\n"
@@ -483,7 +494,7 @@ def plots(
         color = f"C{k}"
         ax.scatter([1.0], [rows[0]["accuracy"]], color=color, marker="*", s=120)
         for mode, style in (("refine", "-o"), ("jacobi", "--s")):
-            points = sorted((r["tpf"], r["accuracy"]) for r in rows if r["mode"] == mode)
+            points = sorted((r["tpf"], r["accuracy"]) for r in rows if r["mode"] == mode and not r.get("sources"))
             if points:
                 ax.plot(*zip(*points), style, color=color, label=f"{name} {mode}", alpha=0.85)
     ax.set_xlabel("tokens per forward")
@@ -572,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "sft" or name in FINETUNES:  # wall clock at batch 1, one prompt at a time
             singles = singles or test_batches(setup, module, out, batch_size=1)[: setup.batch1_prompts]
             n = max(setup.jacobi_n)
-            grid = [Method("hf"), Method("jacobi", n), Method("adaptive", n)]
+            grid = [Method("hf"), Method("jacobi", n), Method("adaptive", n), Method("adaptive", n, sources="none")]
             batch1[name] = [evaluate(module, method, singles, setup, None) for method in grid]
 
     wall = time.perf_counter() - started

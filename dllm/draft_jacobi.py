@@ -55,7 +55,8 @@ def jacobi_loop(run, add_eos_length: int, policy: DraftPolicy, sources: DraftSou
         informative = (
             [p > 0 for p in predicted] if picks is None else [s != MODEL or p > 0 for s, p in zip(picks, predicted)]
         )
-        policy.accepted(batch.rows, k, confirmed, informative, picks, lengths)
+        shadows = _shadows(pending, predicted, tokens, confirmed, k, picks, offers) if offers is not None else None
+        policy.accepted(batch.rows, k, confirmed, informative, picks, lengths, shadows)
         if run.tracing():
             draft0, tokens0 = draft[0].tolist(), tokens[0].tolist()
             run.emit(
@@ -72,7 +73,9 @@ def jacobi_loop(run, add_eos_length: int, policy: DraftPolicy, sources: DraftSou
         batch.commit_draft(most, accepted if min(counts_accepted) < most else None)
         batch.commit(tokens.gather(1, accepted[:, None]) if k else tokens)
         batch.rollback(start + most)  # the rejected draft columns
-        pending, predicted = _next_drafts(run, pending, predicted, tokens, accepted, k)
+        failed = _failed_candidates(picks, lengths, confirmed, k)
+        extra = () if failed is None else (failed,)  # the old six-argument call when no text candidate failed
+        pending, predicted = _next_drafts(run, pending, predicted, tokens, accepted, k, *extra)
         policy.finished()
         step += 1
         if not bool(going.all()):
@@ -106,18 +109,71 @@ def _observe(run, sources: DraftSources, draft, tokens, confirmed, before, picks
     sources.observe(rows, drafts, token_values, confirmed, new, stale)
 
 
-def _next_drafts(run, pending, predicted: list[int], tokens, accepted, k: int):
+def _shadows(pending, predicted: list[int], tokens, confirmed: list[int], k: int, picks, offers) -> list[list]:
+    """Per row, what each candidate that was not verified would have confirmed: ``(source, reached, rejected)``.
+
+    The forward's picks up to the first rejection are the exact next tokens
+    whatever was verified, so every other candidate can be judged against them
+    for free: broken after ``reached - 1`` matches (``rejected``), or matching
+    all the ``reached`` tokens that are known (censored). Without this a source
+    that is not picked is never measured, and a text candidate that wins on its
+    prior keeps a trained model's better drafts from ever being tried.
+    """
+    known = tokens[:, : (max(confirmed) + 1) if k else 1].tolist()
+    own = pending[:, : max(predicted, default=0)].tolist()
+    out = []
+    for i, truth in enumerate(known):
+        truth = truth[: confirmed[i] + 1] if k else truth
+        candidates = [own[i][: predicted[i]], *offers[i][MODEL + 1 :]]
+        row = []
+        for source, candidate in enumerate(candidates):
+            if candidate is None or (k and source == picks[i]):
+                continue
+            limit = min(len(truth), len(candidate))
+            matched = next((j for j in range(limit) if candidate[j] != truth[j]), limit)
+            if limit:
+                row.append((source, matched + 1, True) if matched < limit else (source, limit, False))
+        out.append(row)
+    return out
+
+
+def _failed_candidates(picks, lengths, confirmed: list[int], k: int) -> list[bool] | None:
+    """Per row, whether it verified a text candidate that the forward rejected inside the candidate."""
+    if not k or picks is None or not any(picks):
+        return None
+    return [s != MODEL and a < min(n, k) for s, n, a in zip(picks, lengths, confirmed)]
+
+
+def _next_drafts(run, pending, predicted: list[int], tokens, accepted, k: int, failed: list[bool] | None = None):
     """Each row's next model draft, and how many of its leading tokens are predictions.
 
     After a draft of ``k``: the predictions after the row's new token, then
     placeholders. After no draft: the old draft minus its first token (the
     guess for the position just committed).
+
+    A row whose text candidate was rejected (``failed``) keeps its own earlier
+    draft instead, moved past the tokens just committed: the forward's
+    predictions past the rejection were conditioned on the candidate's wrong
+    tokens, while the model's own draft was conditioned on its own converging
+    guesses. Taking the spoilt predictions cost the packed model of
+    ``bench/quality.py`` more than half its tokens per forward at batch 50
+    (2.11 against 4.67; docs/method.md, section 3).
     """
     if k:
         steps = torch.arange(pending.size(1), device=tokens.device)[None, :]
         index = accepted[:, None] + 1 + steps
-        pending = torch.where(index <= k, tokens.gather(1, index.clamp(max=k)), run.placeholder)
-        return pending, [k - a for a in accepted.tolist()]
+        fresh = torch.where(index <= k, tokens.gather(1, index.clamp(max=k)), run.placeholder)
+        counts = [k - a for a in accepted.tolist()]
+        if failed is not None and pending.size(1):
+            shifted = [p - a - 1 for p, a in zip(predicted, accepted.tolist())]  # own guesses left past the commit
+            keep = [f and s > 0 for f, s in zip(failed, shifted)]
+            if any(keep):
+                width = pending.size(1)
+                own = torch.where(index < width, pending.gather(1, index.clamp(max=width - 1)), run.placeholder)
+                mask = torch.tensor(keep, device=tokens.device)[:, None]
+                fresh = torch.where(mask, own, fresh)
+                counts = [s if kept else c for s, c, kept in zip(shifted, counts, keep)]
+        return fresh, counts
     if pending.size(1) and any(predicted):
         pending = torch.cat([pending[:, 1:], torch.full_like(pending[:, :1], run.placeholder)], dim=1)
         predicted = [max(p - 1, 0) for p in predicted]

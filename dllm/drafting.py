@@ -16,13 +16,21 @@ depends on the model, the batch and the device. So:
   from the prompt is either wrong at once or right for a long run. While a
   row's model drafts are not tested, their evidence fades slowly toward the
   prior, so a row that turns predictable is tried again;
-- per row, the source to verify: the one with the most expected confirmed
-  tokens among those with a candidate, never a text source that was measured
-  useless for the row (fewer than 10% of 8 or more tested tokens confirmed);
-- per forward size (rows x columns), the measured time of a loop step (the
-  median of the recent ones; CPU time of the process on a CPU, where other
-  programs make wall time noisy; wall time on an accelerator); other sizes are
-  interpolated;
+- every source is measured at every forward, not only the one verified: the
+  forward's picks up to the first rejection are the exact next tokens, so each
+  candidate that was not verified is judged against them for free (a censored
+  observation when it matched all of them);
+- per row, the source to verify: the one that commits the most over this
+  forward and the next. A text candidate is charged for the model draft it
+  displaces (when it is rejected, the predictions past the rejection were
+  conditioned on its wrong tokens, so the next forward has no fresh model
+  draft), never a text source that was measured useless for the row (fewer
+  than 10% of 8 or more tested tokens confirmed);
+- per forward size (rows x columns), the cost of a loop step: a low quantile
+  (the lowest of up to four, then the 25th percentile of up to 16) of the
+  measured times (CPU time of the process on a CPU, wall time on an
+  accelerator): other programs slow a step, never speed it, so a few absurd
+  times cannot swing it; other sizes are interpolated;
 - each forward takes the draft length ``k`` in ``[0, max_draft]`` that
   minimises the expected time to finish the batch: row ``i`` needs about
   ``left_i / (1 + E_i(k))`` more forwards (``E_i(k)``: the expected confirmed
@@ -39,8 +47,13 @@ magnified its noise: one slow 4-token step priced a 16-token draft at 9x a
 one-token step on SmolLM2, where it cost 2.5x on a loaded CPU). A draft must promise to save
 5% of the time (the measures are noisy), and a decision not to draft stands
 for 8 forwards while only the model's own drafts are on offer (deciding costs
-time too). A text source's prior curve is optimistic past its first position
-(``TEXT_HAZARD``): a copy is either wrong at once or right for a while. Only the number of
+time too). Every 8 forwards (doubling after each probe, up to 64) the policy
+asks what it would draft if each drafted token cost only 5% of a one-token
+step; when that is longer than its decision it drafts that once (a probe): a
+verdict reached from wrong step times is revisited at a bounded cost, and the
+probe's own time corrects the estimate. A text source's prior curve is
+optimistic past its first position (``TEXT_HAZARD``): a copy is either wrong
+at once or right for a while. Only the number of
 forwards depends on any of this, never the tokens.
 
 What a call learns outlives it (:class:`DraftMemory`, one per model): the step
@@ -53,65 +66,37 @@ those curves (as two forwards of evidence) instead of the flat prior, so short a
 from __future__ import annotations
 
 import time
-import weakref
 from collections import deque
-from statistics import median
 
 import numpy as np
 
+from dllm.draft_memory import MODEL, PRIOR, QUANTILE, SAMPLES, TEXT_HAZARD, DraftMemory, forget, low, memory_of
 from dllm.draft_sources import SOURCES
 
-PRIOR = 0.5  # chance of confirming a draft token, per position, before anything was measured
+__all__ = [
+    "DraftMemory",
+    "DraftPolicy",
+    "forget",
+    "low",
+    "memory_of",
+    "MODEL",
+    "PRIOR",
+    "QUANTILE",
+    "SAMPLES",
+    "TEXT_HAZARD",
+]
+
 REMEMBERED = 2.0  # forwards' worth of evidence a row takes from the model's curve
 FADE = 0.9  # weight kept by past evidence at each forward that tests the row's draft
 IDLE_FADE = 0.99  # ... and at each forward that does not (the drift back toward the prior)
-SAMPLES = 5  # step times kept per forward size
 HOLD = 8  # forwards a "no draft" decision stands before it is reconsidered
+PROBE_EVERY = 8  # forwards between probes: a draft longer than the costs say (doubling after each probe) ...
+PROBE_MAX = 64  # ... up to this many
+PROBE_SLOPE = 0.05  # a probe's length: the best draft if each drafted token cost this share of a 1-token step
 MARGIN = 0.05  # a draft must promise to save this share of the time (noise in the measures)
 PROBE = 3  # draft length of the prefill
-TEXT_HAZARD = 0.2  # prior chance that a text source's draft breaks at a position past its first ...
 USELESS_TRIALS = 8  # tested draft tokens before a text source can be judged useless for a row ...
 USELESS_RATE = 0.1  # ... when fewer than this share of them were confirmed: never picked again for it
-MODEL = 0  # the model's own drafts: index in SOURCES
-
-
-class DraftMemory:
-    """What earlier calls on one model measured: step times per forward size and the acceptance rate."""
-
-    def __init__(self):
-        self.times: dict[int, deque] = {}  # forward size -> recent step seconds
-        self.reached: dict[int, np.ndarray] = {}  # max_draft -> [source, position] faded tested drafts
-        self.rejected: dict[int, np.ndarray] = {}  # ... and those rejected at that position
-
-    @property
-    def calibrated(self) -> bool:
-        """Two forward sizes measured: enough to interpolate and extrapolate costs."""
-        return len(self.times) >= 2
-
-    def hazard(self, max_draft: int) -> np.ndarray:
-        """``[source, position]``: the model's chance that a draft is rejected at a position it reached."""
-        reached = self.reached.setdefault(max_draft, np.zeros((len(SOURCES), max_draft)))
-        rejected = self.rejected.setdefault(max_draft, np.zeros((len(SOURCES), max_draft)))
-        prior = np.full(reached.shape, 1.0 - PRIOR)
-        prior[MODEL + 1 :, 1:] = TEXT_HAZARD  # ... for a copy is either wrong at once or right for a while
-        return (rejected + prior) / (reached + 1.0)
-
-
-_MEMORIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def memory_of(model, device, dtype) -> DraftMemory:
-    """The :class:`DraftMemory` of ``model`` on ``device`` in ``dtype`` (a new one when either changed)."""
-    where = (str(device), dtype)
-    held = _MEMORIES.get(model)
-    if held is None or held[0] != where:
-        held = _MEMORIES[model] = (where, DraftMemory())
-    return held[1]
-
-
-def forget() -> None:
-    """Drop every model's :class:`DraftMemory` (tests that count calibration steps start from nothing)."""
-    _MEMORIES.clear()
 
 
 class DraftPolicy:
@@ -148,10 +133,12 @@ class DraftPolicy:
         self.steps = 0  # forwards of this call
         self.calibrating = not self.memory.calibrated  # steps 0-2 measure costs
         self._last: tuple[int, float] | None = None  # (size, start) of the step being timed
-        self._medians = {size: median(samples) for size, samples in self.times.items()}
+        self._medians = {size: low(samples) for size, samples in self.times.items()}
         self._table: tuple[np.ndarray, np.ndarray] | None = None  # sizes and their median seconds
         self._held: tuple[int, int] = (0, 0)  # (forwards left, rows) of a standing "no draft" decision
         self.candidates = np.array(_candidates(max_draft))
+        self._since = 0  # forwards since the last probe
+        self._probe_every = PROBE_EVERY  # ... before the next one
 
     # --- what the loop reports --------------------------------------------------
 
@@ -171,7 +158,7 @@ class DraftPolicy:
         """Add one measured step time for forwards of ``size`` = rows x columns."""
         samples = self.times.setdefault(size, deque(maxlen=SAMPLES))
         samples.append(seconds)
-        self._medians[size] = median(samples)
+        self._medians[size] = low(samples)
         self._table = None
 
     def accepted(
@@ -182,6 +169,7 @@ class DraftPolicy:
         informative: list[bool],
         picks: list[int] | None = None,
         lengths: list[int] | None = None,
+        shadows: list[list[tuple[int, int, bool]]] | None = None,
     ) -> None:
         """Record, per active row, how many of ``drafted`` draft tokens the forward confirmed.
 
@@ -194,32 +182,45 @@ class DraftPolicy:
             picks: per row, the source of its draft (``None``: all the model's own).
             lengths: per row, how many draft tokens its source offered (fewer than ``drafted`` when
                 a candidate was short); ``None``: ``drafted``.
+            shadows: per row, what the candidates that were not verified would have confirmed, judged
+                against the tokens the forward committed: ``(source, reached, rejected)``, the candidate
+                matched ``reached - 1`` committed tokens and then broke (``rejected``) or matched all
+                ``reached`` that are known (censored). ``None``: none.
         """
-        memory_reached = self.memory.reached[self.reached.shape[2]]
-        memory_rejected = self.memory.rejected[self.reached.shape[2]]
+        memory = (self.memory.reached[self.reached.shape[2]], self.memory.rejected[self.reached.shape[2]])
         faded = set()
         for i, (row, count, useful) in enumerate(zip(rows, accepted, informative)):
             source = picks[i] if picks is not None else MODEL
             offered = min(lengths[i], drafted) if lengths is not None else drafted
-            if offered and useful:
+            tested = {source} if offered and useful else set()
+            if tested:
                 count = min(count, offered)
                 tried = min(count + 1, offered)
-                self.reached[row, source] *= FADE
-                self.rejected[row, source] *= FADE
-                self.reached[row, source, :tried] += 1.0
-                if source not in faded:  # the model's curve: one fade per forward that tested the source
-                    memory_reached[source] *= FADE
-                    memory_rejected[source] *= FADE
-                    faded.add(source)
-                memory_reached[source, :tried] += 1.0
-                if count < offered:
-                    self.rejected[row, source, count] += 1.0
-                    memory_rejected[source, count] += 1.0
+                self._learn(row, source, tried, count < offered, faded, memory)
                 self.tested[row, source] += tried
                 self.confirmed[row, source] += count
-            if not (offered and useful) or source != MODEL:  # the model's drafts untested: fade toward the prior
+            for other, reached, rejected in shadows[i] if shadows is not None else ():
+                if reached and other not in tested:
+                    self._learn(row, other, reached, rejected, faded, memory)
+                    tested.add(other)
+            if MODEL not in tested:  # the model's drafts untested: fade toward the prior
                 self.reached[row, MODEL] *= IDLE_FADE
                 self.rejected[row, MODEL] *= IDLE_FADE
+
+    def _learn(self, row: int, source: int, reached: int, rejected: bool, faded: set, memory) -> None:
+        """One forward's evidence on a row's source: positions ``< reached`` tested, a rejection at the last."""
+        self.reached[row, source] *= FADE
+        self.rejected[row, source] *= FADE
+        self.reached[row, source, :reached] += 1.0
+        memory_reached, memory_rejected = memory
+        if source not in faded:  # the model's curve: one fade per forward that tested the source
+            memory_reached[source] *= FADE
+            memory_rejected[source] *= FADE
+            faded.add(source)
+        memory_reached[source, :reached] += 1.0
+        if rejected:
+            self.rejected[row, source, reached - 1] += 1.0
+            memory_rejected[source, reached - 1] += 1.0
 
     # --- the decision -------------------------------------------------------------
 
@@ -242,6 +243,8 @@ class DraftPolicy:
         summed over the positions.
         """
         reached, rejected = self.reached[rows], self.rejected[rows]
+        if self.adaptive:  # the model's curve as it stands (rows teach rows); fixed drafts keep rows independent
+            self.prior = self.memory.hazard(self.reached.shape[2])
         hazard = (rejected + REMEMBERED * self.prior) / (reached + REMEMBERED)
         survival = np.cumprod(1.0 - np.minimum(hazard, 1.0), axis=-1)
         return np.concatenate([np.zeros(survival.shape[:2] + (1,)), np.cumsum(survival, axis=-1)], axis=-1)
@@ -265,9 +268,21 @@ class DraftPolicy:
         """Per active row, the source whose candidate to verify, and that candidate's length.
 
         Among the sources with a candidate for the row and not measured useless
-        for it, the one with the most expected confirmed tokens (at the
-        candidate's length); ties go to the text sources (the model's drafts are
-        the fallback).
+        for it, the one that commits the most over this forward and the next.
+        A text candidate is charged for the model draft it displaces: when it is
+        rejected, the forward's predictions past the rejection were conditioned
+        on its wrong tokens, so the next forward starts from what is left of the
+        model's own draft (its guesses past the committed tokens), not from a
+        fresh one. So a text candidate of ``E_t`` expected tokens that survives
+        whole with chance ``S_t`` beats the model's draft of ``E_m(g)`` (``g``
+        guesses) only when ``E_t - (1 - S_t) (E_m(n) - E_m(g - 1)) > E_m(g)``,
+        ``n`` the longest draft; ties go to the model. Without the charge a
+        trained model's placeholder drafts (``g = 0``, after a draft confirmed
+        whole) lost to any n-gram, which spoilt the next draft in turn (with the
+        other causes: 5.28 tokens per forward fell to 2.42 on the recipe model
+        of ``bench/quality.py``; docs/method.md, section 3). Until the
+        model's drafts were tested at all (on any row of any call), a row with
+        model guesses verifies those.
 
         Args:
             rows: original indices of the active rows.
@@ -279,15 +294,24 @@ class DraftPolicy:
             ``(picks, lengths)``: the source per row, and its candidate's length (``max_draft`` for the model).
         """
         expected = self.expected(rows)
+        unknown = not self.memory.reached[self.reached.shape[2]][MODEL, 0]  # the model's drafts never tested
         picks, lengths = [], []
         for i, (row, offer) in enumerate(zip(rows, offers)):
             best, length = MODEL, self.max_draft
             most = expected[i, MODEL, self.max_draft if guesses is None else min(guesses[i], self.max_draft)]
+            if unknown and most > 0:  # try the model's own guesses first: they cost nothing to offer
+                picks.append(best)
+                lengths.append(length)
+                continue
+            guessed = self.max_draft if guesses is None else min(guesses[i], self.max_draft)
+            displaced = expected[i, MODEL, self.max_draft] - expected[i, MODEL, max(guessed - 1, 0)]
             for source in range(len(SOURCES) - 1, MODEL, -1):
                 candidate = offer[source]
                 if candidate is not None and not self.useless(row, source):
-                    gain = expected[i, source, min(len(candidate), self.max_draft)]
-                    if gain >= most:
+                    n = min(len(candidate), self.max_draft)
+                    whole = expected[i, source, n] - expected[i, source, n - 1] if n else 0.0  # survives whole
+                    gain = expected[i, source, n] - (1.0 - whole) * displaced
+                    if gain > most:
                         best, most, length = source, gain, len(candidate)
             picks.append(best)
             lengths.append(length)
@@ -320,15 +344,26 @@ class DraftPolicy:
             return 0
         picks = picks or [MODEL] * len(rows)
         only_model = not any(picks)
+        self._since += 1
+        probe = self._since >= self._probe_every  # a verdict from the measured costs is revisited at a bounded cost
         left, held_rows = self._held
-        if left > 0 and held_rows == len(rows) and only_model:  # not drafting is cheap to keep deciding
+        if left > 0 and held_rows == len(rows) and only_model and not probe:  # not drafting is cheap to keep
             self._held = (left - 1, held_rows)
             return 0
         k = self._decide(rows, remaining, longest, picks, lengths)
         self._held = (HOLD - 1, len(rows)) if k == 0 and only_model else (0, 0)
+        if probe:
+            self._since = 0
+            optimistic = max(1, self._decide(rows, remaining, longest, picks, lengths, _optimistic))
+            if optimistic > k:  # the costs may be what is wrong: measure the length a sane estimate picks
+                self._probe_every = min(2 * self._probe_every, PROBE_MAX)
+                self._held = (0, 0)
+                return optimistic
+            self._probe_every = PROBE_EVERY
         return k
 
-    def _decide(self, rows, remaining, longest, picks, lengths) -> int:
+    def _decide(self, rows, remaining, longest, picks, lengths, cost=None) -> int:
+        cost = cost or self.cost
         ks = self.candidates[: np.searchsorted(self.candidates, longest, side="right")]
         curves = self.expected(rows)[np.arange(len(rows)), picks]  # [rows, max_draft + 1]
         left = np.array(remaining)[:, None]
@@ -338,7 +373,7 @@ class DraftPolicy:
         expected = np.take_along_axis(curves, j, axis=1)
         left = left.astype(np.float64)
         if len(rows) == 1:  # tokens per second
-            total = (left / (1.0 + expected))[0] * self.cost(ks + 1)
+            total = (left / (1.0 + expected))[0] * cost(ks + 1)
         else:
             # 1. forwards each row still needs; rows leave the batch in that order
             finish = left / (1.0 + expected)
@@ -347,7 +382,7 @@ class DraftPolicy:
             phases[1:] -= finish[:-1]
             active = len(rows) - np.arange(len(rows))[:, None]
             # 2. each phase's forwards at their measured cost
-            total = (phases * self.cost(active * (ks[None, :] + 1))).sum(0)
+            total = (phases * cost(active * (ks[None, :] + 1))).sum(0)
         total[1:] *= 1.0 + MARGIN  # ks[0] == 0
         return int(ks[len(ks) - 1 - int(np.argmin(total[::-1]))])  # ties go to the longer draft: it costs nothing more
 
@@ -368,6 +403,16 @@ class DraftPolicy:
         if len(sizes) == 0:
             return np.ones_like(np.asarray(size, dtype=np.float64))
         return np.interp(size, sizes, seconds)
+
+
+def _optimistic(size):
+    """The cheapest plausible step cost, in one-token steps: ``PROBE_SLOPE`` of one per extra column.
+
+    A probe drafts what this prior would choose (the measured costs may be the
+    very thing that is wrong), so it measures the size a sane cost estimate
+    would pick: an absurd step time at that size is then outvoted (:func:`low`).
+    """
+    return 1.0 + PROBE_SLOPE * (np.asarray(size, dtype=np.float64) - 1.0)
 
 
 def _candidates(max_draft: int) -> list[int]:

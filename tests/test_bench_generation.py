@@ -68,3 +68,26 @@ def test_grounded_section_configs_and_plot(tmp_path: Path) -> None:
     png = tmp_path / "g.png"
     bench.plot_grounded(rows, png)
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_generation_spread_over_fresh_processes(tmp_path: Path) -> None:
+    """``--processes 2``: the section runs in two fresh processes; each row reports min <= median <= max."""
+    out = tmp_path / "spread.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/generation.py", "--quick", "--sections", "methods", "--batch-sizes", "1",
+         "--processes", "2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "## Spread over 2 fresh processes" in proc.stdout
+    report = json.loads(out.read_text())
+    runs = [json.loads(Path(path).read_text()) for path in report["runs"]]
+    assert len(runs) == 2 and all("methods" in run for run in runs)
+    rows = {row["label"]: row for row in report["spread"]}
+    assert {"hf", "jacobi N=3 adaptive"} <= set(rows)
+    for row in rows.values():
+        low, mid, high = row["forwards"]
+        assert row["runs"] == 2 and low <= mid <= high
+        values = sorted(r["forwards"] for run in runs for r in run["methods"] if r["label"] == row["label"])
+        assert [low, high] == [values[0], values[-1]]
+    assert rows["hf"]["ratio_to_hf"] == [1.0, 1.0, 1.0]

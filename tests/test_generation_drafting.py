@@ -158,3 +158,52 @@ def test_the_memory_is_per_model_device_and_dtype(models):
     assert drafting.memory_of(model, torch.device("cpu"), torch.float64) is memory
     assert drafting.memory_of(models["llama"], torch.device("cpu"), torch.float64) is not memory
     assert drafting.memory_of(model, torch.device("cpu"), torch.float32) is not memory
+
+
+class AbsurdClock:
+    """A step clock: a drafted step costs 1 + 1% per column, except at ``absurd`` steps, which take 1000 s.
+
+    The policy reads the clock when a step starts (``_last`` is then unset)
+    and when it finishes; the finish advances time by the step's cost.
+    """
+
+    def __init__(self, policy: DraftPolicy, absurd: range):
+        self.policy, self.absurd, self.now = policy, absurd, 0.0
+
+    def __call__(self) -> float:
+        last = self.policy._last
+        if last is not None:
+            drafted = last[0] > 1
+            self.now += 1000.0 if drafted and self.policy.steps in self.absurd else 1.0 + 0.01 * last[0]
+        return self.now
+
+
+@pytest.mark.parametrize("absurd", [range(2, 3), range(5, 30)], ids=["at-the-start", "in-the-middle"])
+def test_absurd_step_times_do_not_lock_drafting_out(absurd, monkeypatch):
+    """Stalls during drafted steps make drafts look 1000x dearer; the policy drafts again within a few
+    forwards of the last stall, in that call and the next (which inherits the stalls in its memory)."""
+    from test_generation_sources import STOP, model_with_own_drafts_right
+
+    model, truth = model_with_own_drafts_right()
+    ids = truth[None, :12]
+    original = DraftPolicy.__init__
+    clocks = iter([lambda policy: AbsurdClock(policy, absurd), lambda policy: AbsurdClock(policy, range(0))])
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.clock = next(clocks)(self)
+
+    monkeypatch.setattr(DraftPolicy, "__init__", init)
+    drafting.forget()
+    bound = 12  # forwards: a probe (every 8 without a draft), and the decisions around it
+    for call in range(2):
+        steps = []
+        out = iterative_generate(
+            model, ids, eos_token_id=STOP, add_eos_length=7, mode="jacobi", max_new_tokens=100,
+            draft_sources="none", trace=steps.append, return_dict=True,
+        )  # fmt: skip
+        assert torch.equal(out.sequences, hf_greedy(model, ids, None, 100))
+        drafts = [len(s.draft) for s in steps]
+        start = absurd.stop if call == 0 else 0  # the last stall of the first call; the next starts clean
+        assert any(drafts[start : start + bound]), (call, drafts)
+        assert out.tokens_per_forward > 2.0, (call, drafts)  # and drafting is not given up again
