@@ -243,8 +243,7 @@ class DraftPolicy:
         summed over the positions.
         """
         reached, rejected = self.reached[rows], self.rejected[rows]
-        if self.adaptive:  # the model's curve as it stands (rows teach rows); fixed drafts keep rows independent
-            self.prior = self.memory.hazard(self.reached.shape[2])
+        self.prior = self.memory.hazard(self.reached.shape[2])  # the model's curve as it stands: rows teach rows
         hazard = (rejected + REMEMBERED * self.prior) / (reached + REMEMBERED)
         survival = np.cumprod(1.0 - np.minimum(hazard, 1.0), axis=-1)
         return np.concatenate([np.zeros(survival.shape[:2] + (1,)), np.cumsum(survival, axis=-1)], axis=-1)

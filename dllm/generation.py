@@ -345,7 +345,7 @@ def _decode(model, input_ids, attention_mask, budgets, keys, offsets, use_cache,
         _refine_loop(run, settings["n"], settings["r"])
     else:
         clock = time.process_time if input_ids.device.type == "cpu" else time.perf_counter
-        memory = memory_of(model, input_ids.device, model.dtype) if settings["adaptive"] else None
+        memory = memory_of(model, input_ids.device, model.dtype)
         policy = DraftPolicy(settings["n"], len(budgets), settings["adaptive"], clock, memory)
         texts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
         jacobi_loop(run, settings["n"], policy, DraftSources(settings["sources"], texts, settings["n"]))

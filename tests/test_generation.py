@@ -136,17 +136,23 @@ def test_refine_early_exit_saves_forwards_without_changing_tokens(models):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("mode,n,r", [("refine", 3, 2), ("refine", 6, 1), ("jacobi", 4, 1)])
 def test_cached_equals_uncached(models, arch, mode, n, r):
-    """Same tokens and, with a fixed draft length, the same forwards (adaptive drafts follow the clock)."""
+    """Same tokens and, with a fixed draft of the model's own guesses, the same forwards.
+
+    Adaptive drafts follow the clock, and with text sources on, which source a row verifies follows what
+    earlier rows and calls taught the model's draft memory: both change forwards, never tokens.
+    """
     model = models[arch]
     ids, mask = prompts([4, 10, 7])
     kwargs = dict(eos_token_id=EOS, add_eos_length=n, refine_iter=r, max_new_tokens=27, mode=mode, return_dict=True)
-    cached = iterative_generate(model, ids, mask, use_cache=True, adaptive_draft=False, **kwargs)
-    uncached = iterative_generate(model, ids, mask, use_cache=False, adaptive_draft=False, **kwargs)
+    fixed = dict(adaptive_draft=False, draft_sources="none")
+    cached = iterative_generate(model, ids, mask, use_cache=True, **fixed, **kwargs)
+    uncached = iterative_generate(model, ids, mask, use_cache=False, **fixed, **kwargs)
     assert torch.equal(cached.sequences, uncached.sequences)
     assert cached.num_forwards == uncached.num_forwards
     if mode == "jacobi":
-        adaptive = iterative_generate(model, ids, mask, use_cache=False, **kwargs)
-        assert torch.equal(adaptive.sequences, cached.sequences)
+        for adaptive in (False, True):  # every source on
+            other = iterative_generate(model, ids, mask, use_cache=False, adaptive_draft=adaptive, **kwargs)
+            assert torch.equal(other.sequences, cached.sequences)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -163,7 +169,8 @@ def test_batched_equals_one_by_one(models, arch, mode, n, r):
         refine_iter=r,
         max_new_tokens=24,
         mode=mode,
-        adaptive_draft=n != 3,  # jacobi N=3: a fixed draft, so the forwards must match too
+        adaptive_draft=n != 3,  # jacobi N=3: a fixed draft of the model's own guesses, so the forwards match too
+        draft_sources="none" if n == 3 else "all",  # (with text sources rows teach rows which source to verify)
         return_dict=True,
     )
     batched = iterative_generate(model, ids, mask, **kwargs)
