@@ -48,7 +48,8 @@ class Params:
 @dataclass
 class Job:
     """One request in flight; the engine puts ``("delta", text)``, then ``("end", finish_reason, usage)``
-    or ``("error", status, message)`` on ``queue`` (a step's items for every job in one hand-off to ``loop``)."""
+    or ``("error", status, message)`` on ``queue`` (a step's items for every job in one hand-off to ``loop``;
+    a whole response, not streamed, gets one delta: its text)."""
 
     params: Params
     loop: asyncio.AbstractEventLoop
@@ -231,11 +232,13 @@ class Engine:
         delta = job.stream.push(event.tokens, last=last)
         if job.stream.stopped:
             stepper.cancel(job.id)
-        if delta:
+        if delta and job.params.stream:
             self._put(job, ("delta", delta))
         if last or job.stream.stopped:
             reason = "stop" if job.stream.stopped or event.finish_reason == "eos" else "length"
             job.finished = True
+            if not job.params.stream and job.stream.text:  # a whole response: its text in one item
+                self._put(job, ("delta", job.stream.text))
             self._put(job, ("end", reason, job.usage()))
             if last:
                 self._forget(job)
