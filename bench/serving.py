@@ -10,8 +10,12 @@ one run, one server at a time on the same machine:
   when the running batch is done; streamed.
 - ``hf``: a LitServe server (``bench/serving_hf.py``) whose ``predict`` runs HF ``generate`` (greedy) on a
   batch of up to ``--rows`` requests gathered for ``--batch-timeout`` seconds, the
-  way LitServe's own LLM examples batch; whole responses (its time to first token
-  is its latency).
+  way LitServe's own LLM examples batch; streamed too (LitServe's batched
+  streaming, one JSON line per request and generated token).
+
+``--whole``: every method answers whole responses instead (no stream; time to
+first token is then the latency), so throughput compares without the streams'
+traffic.
 
 Reported per method and rate: throughput (completion tokens per second over the
 run), time to first token and time per output token after the first (p50, p99),
