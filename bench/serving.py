@@ -10,8 +10,12 @@ one run, one server at a time on the same machine:
   when the running batch is done; streamed.
 - ``hf``: a LitServe server (``bench/serving_hf.py``) whose ``predict`` runs HF ``generate`` (greedy) on a
   batch of up to ``--rows`` requests gathered for ``--batch-timeout`` seconds, the
-  way LitServe's own LLM examples batch; whole responses (its time to first token
-  is its latency).
+  way LitServe's own LLM examples batch; streamed too (LitServe's batched
+  streaming, one JSON line per request and generated token).
+
+``--whole``: every method answers whole responses instead (no stream; time to
+first token is then the latency), so throughput compares without the streams'
+traffic.
 
 Reported per method and rate: throughput (completion tokens per second over the
 run), time to first token and time per output token after the first (p50, p99),
@@ -92,11 +96,35 @@ async def one_request(client, url, prompt, max_tokens, streamed, model):
     """``(ttft, tpot, tokens, text, ok)`` of one request."""
     start = time.perf_counter()
     try:
-        if not streamed:
+        if model is None and not streamed:  # the HF server's own route
             r = await client.post(f"{url}/predict", json={"prompt": prompt, "max_tokens": max_tokens})
             r.raise_for_status()
             answer = r.json()
             return time.perf_counter() - start, None, answer["tokens"], answer["text"], True
+        if model is None:  # ... streamed: one JSON line per step, {"text": delta, "tokens": so far}
+            first = last = None
+            parts, tokens = [], 0
+            async with client.stream("POST", f"{url}/predict", json={"prompt": prompt, "max_tokens": max_tokens}) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.strip():
+                        continue
+                    step = json.loads(line)
+                    tokens = step["tokens"]
+                    if step["text"]:
+                        last = time.perf_counter()
+                        first = first or last
+                        parts.append(step["text"])
+            first = first or time.perf_counter()
+            tpot = (last - first) / (tokens - 1) if last and tokens > 1 else None
+            return first - start, tpot, tokens, "".join(parts), True
+        if not streamed:
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens}
+            r = await client.post(f"{url}/v1/completions", json=body)
+            r.raise_for_status()
+            answer = r.json()
+            text, tokens = answer["choices"][0]["text"], answer["usage"]["completion_tokens"]
+            return time.perf_counter() - start, None, tokens, text, True
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
                 "stream_options": {"include_usage": True}}  # fmt: skip
         first = last = None
@@ -265,6 +293,9 @@ def main() -> None:
     parser.add_argument("--batch-timeout", type=float, default=0.05, help="the HF server's batch gathering time")
     parser.add_argument("--methods", default="continuous,static,hf")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each server")
+    parser.add_argument(
+        "--whole", action="store_true", help="every method answers whole (no SSE): throughput like for like"
+    )
     parser.add_argument("--out-dir", default="bench/results/serving")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 requests, one rate, 16 tokens")
     args = parser.parse_args()
@@ -284,15 +315,24 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         if method == "hf":
             hf = str(ROOT / "bench" / "serving_hf.py")
-            command = [sys.executable, hf, folder, str(port), str(args.rows), str(args.batch_timeout)]
+            mode = "whole" if args.whole else "stream"
+            command = [sys.executable, hf, folder, str(port), str(args.rows), str(args.batch_timeout), mode]
         else:
             command = serve_command(folder, port, args, static=method == "static")
         process = start(command, url, out / f"server-{method}.log")
+        streamed = not args.whole
         try:
             for rate in rates:
                 results, elapsed, health = asyncio.run(
                     run_load(
-                        url, prompts, rate, args.max_tokens, method != "hf", folder, int(rate * 1000), args.clients
+                        url,
+                        prompts,
+                        rate,
+                        args.max_tokens,
+                        streamed,
+                        None if method == "hf" else folder,
+                        int(rate * 1000),
+                        args.clients,
                     )
                 )
                 answers[(method, rate)] = results
@@ -303,6 +343,7 @@ def main() -> None:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait(30)
     load = f"{args.clients} clients back to back" if args.clients else "per rate"
+    load += ", whole responses" if args.whole else ", streamed"
     title = f"{name}: {args.requests} requests {load}, {args.max_tokens} tokens, {args.rows} rows"
     (out / "serving.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
     (out / "serving.md").write_text(markdown(rows, title))

@@ -23,6 +23,9 @@ jacobi commits only what plain decoding would (greedy, or the draw keyed on
 the row's own blocks start. Each request has its own sampler (temperature,
 top-k, top-p, seed), so requests with different settings share forwards.
 
+This module keeps the requests (admit, cancel, slots, joining and retiring
+rows); ``dllm.stepper_steps`` runs the mode's step on a batch of them.
+
 Run a quick check on CPU::
 
     python -m pytest tests/test_stepper.py -q
@@ -31,47 +34,17 @@ Run a quick check on CPU::
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from dllm.batch import Batch, attention_layout
 from dllm.batch_merge import merge, trim
-from dllm.draft_jacobi import _next_drafts, _observe, _with_candidates
 from dllm.draft_sources import DraftSources, parse_sources
-from dllm.drafting import MODEL, PROBE, DraftPolicy, memory_of
+from dllm.drafting import DraftPolicy, memory_of
 from dllm.sampling import Sampler, draw_seed, prompt_keys
+from dllm.stepper_steps import Event, Row, jacobi_step, refine_block
 
-
-@dataclass
-class Event:
-    """What one step did for one request.
-
-    Attributes:
-        id: the request's id (as given to :meth:`Stepper.admit`).
-        tokens: the tokens committed by this step (a stop id included).
-        finish_reason: ``None`` while it runs; then ``"eos"`` (a stop id), ``"length"`` (its budget) or
-            ``"cancelled"`` (by :meth:`Stepper.cancel`).
-        forwards: model calls the request has taken part in so far.
-    """
-
-    id: object
-    tokens: list[int]
-    finish_reason: str | None = None
-    forwards: int = 0
-
-
-@dataclass
-class _Row:
-    id: object
-    prompt: list[int]
-    budget: int
-    sampler: Sampler
-    key: int
-    generated: list[int] = field(default_factory=list)
-    forwards: int = 0
-    finish_reason: str | None = None
-    cancelled: bool = False
+__all__ = ["Event", "Stepper"]
 
 
 class Stepper:
@@ -118,8 +91,8 @@ class Stepper:
         self.device = next(model.parameters()).device
         self.placeholder = self.eos_ids[0]
         self._eos = torch.tensor(self.eos_ids, device=self.device)
-        self.slots: list[_Row | None] = [None] * self.max_rows  # a running row's index in the batch is its slot
-        self.waiting: list[_Row] = []
+        self.slots: list[Row | None] = [None] * self.max_rows  # a running row's index in the batch is its slot
+        self.waiting: list[Row] = []
         self.batch: Batch | None = None
         self.pending: torch.Tensor | None = None  # jacobi: each running row's next model draft [b, N]
         self.predicted: list[int] = []  # ... and how many of its leading tokens are predictions
@@ -155,7 +128,7 @@ class Stepper:
         ids = torch.tensor([prompt_ids])
         key = prompt_keys(ids, torch.ones_like(ids))[0] if temperature > 0 else 0
         budget = min(max_new_tokens, self.max_length - len(prompt_ids))
-        self.waiting.append(_Row(request_id, list(prompt_ids), budget, sampler, key))
+        self.waiting.append(Row(request_id, list(prompt_ids), budget, sampler, key))
 
     def cancel(self, request_id) -> None:
         """Retire a request at the next step (waiting or running); its last event says ``"cancelled"``."""
@@ -264,43 +237,12 @@ class Stepper:
         batch.pending, batch.predicted = pending, predicted
         trim(batch)
 
-    # --- the model call -------------------------------------------------------------
-
-    def _forward_and_pick(self, batch: Batch, draft: torch.Tensor) -> torch.Tensor:
-        """One forward over the draft: each row's picks ``[b, k + 1]`` (greedy, or its own keyed sampler)."""
-        logits = batch.forward(draft)
-        tokens = logits.argmax(-1)
-        for i, slot in enumerate(batch.rows):
-            row = self.slots[slot]
-            row.forwards += 1
-            if not row.sampler.greedy:
-                tokens[i] = row.sampler.pick(logits[i : i + 1], [row.key], [len(row.generated)])[0]
-        return tokens
-
-    def _accept(self, batch: Batch, tokens: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, list[Event]]:
-        """Append ``tokens[i, :counts[i]]`` to each row, cut at its first stop id: which rows go on, and the events."""
-        is_stop = torch.isin(tokens, self._eos).tolist()
-        values = tokens.tolist()
-        going, events = [], []
-        for i, slot in enumerate(batch.rows):
-            row, count = self.slots[slot], counts[i]
-            stop = next((j for j in range(count) if is_stop[i][j]), None)
-            if stop is not None:
-                count, row.finish_reason = stop + 1, "eos"
-            new = values[i][:count]
-            row.generated.extend(new)
-            if stop is None and len(row.generated) >= row.budget:
-                row.finish_reason = "length"
-            going.append(row.finish_reason is None)
-            events.append(Event(row.id, new, row.finish_reason, row.forwards))
-        return torch.tensor(going, device=tokens.device), events
-
     def _advance(self, batch: Batch, prefill: bool) -> list[Event]:
         """One step of the mode for ``batch``, then retire its finished rows."""
         if self.mode == "refine":
-            going, events = self._refine_block(batch)
+            going, events = refine_block(self, batch)
         else:
-            going, events = self._jacobi_step(batch, prefill)
+            going, events = jacobi_step(self, batch, prefill)
         if prefill:  # not the running batch yet: drop its finished rows here
             flags = going.tolist()
             for slot, keep in zip(batch.rows, flags):
@@ -315,93 +257,3 @@ class Stepper:
         else:
             self._keep(going)
         return events
-
-    def _remaining(self, batch: Batch) -> list[int]:
-        return [self.slots[s].budget - len(self.slots[s].generated) for s in batch.rows]
-
-    def _refine_block(self, batch: Batch) -> tuple[torch.Tensor, list[Event]]:
-        """One refine block: draft under placeholders, refine up to ``refine_iter`` rounds, commit
-        (``dllm.generation._refine_loop``'s body)."""
-        counts = [min(self.n + 1, r) for r in self._remaining(batch)]
-        k, start = max(counts), batch.width
-        draft = batch.ids.new_full((len(batch.rows), k - 1), self.placeholder)
-        block = self._forward_and_pick(batch, draft)
-        for _ in range(1, self.r):
-            if torch.equal(block[:, : k - 1], draft):
-                break
-            batch.rollback(start)
-            draft = block[:, : k - 1]
-            block = self._forward_and_pick(batch, draft)
-        if not torch.equal(block[:, : k - 1], draft):
-            batch.rollback(start)
-        going, events = self._accept(batch, block, counts)
-        batch.commit(block)
-        return going, events
-
-    def _jacobi_step(self, batch: Batch, prefill: bool) -> tuple[torch.Tensor, list[Event]]:
-        """One verifying forward (``dllm.draft_jacobi.jacobi_loop``'s body).
-
-        A prefill drafts ``PROBE`` placeholders (the model's first guesses for the next
-        forward to verify) and is neither timed nor learnt from.
-        """
-        policy, sources, rows = self.policy, self.sources, batch.rows
-        remaining = self._remaining(batch)
-        pending, predicted = batch.pending, batch.predicted
-        offers = picks = lengths = None
-        if prefill:
-            k = min(PROBE, self.n, max(remaining) - 1)
-        else:
-            offers = sources.offers(rows) if sources.active else None
-            if offers is not None:
-                picks, lengths = policy.pick(rows, offers, predicted)
-            k = policy.choose(rows, remaining, picks, lengths)
-            policy.started(len(rows) * (k + 1), timed=policy.steps > 0)
-        draft = pending[:, :k]
-        if k and picks is not None and any(picks):
-            draft = _with_candidates(draft, picks, offers, self.placeholder)
-        tokens = self._forward_and_pick(batch, draft)
-        if k:
-            accepted = (draft == tokens[:, :k]).long().cumprod(-1).sum(-1)
-            counts = confirmed = accepted.tolist()
-            if prefill or not policy.holes_ok():  # commit what every row confirmed; the rest stays drafted
-                accepted = accepted.clamp(max=min(confirmed))
-                counts = [min(confirmed)] * len(rows)
-        else:
-            accepted, counts = None, [0] * len(rows)
-            confirmed = counts
-        if not prefill:
-            informative = (
-                [p > 0 for p in predicted] if picks is None else [s != MODEL or p > 0 for s, p in zip(picks, predicted)]
-            )
-            policy.accepted(rows, k, confirmed, informative, picks, lengths)
-        before = [len(self.slots[s].generated) for s in rows]
-        going, events = self._accept(batch, tokens, [min(a + 1, r) for a, r in zip(counts, remaining)])
-        if sources.active:  # a prefill's draft holds no guess: the sources only read the new tokens
-            view = _RunView(self, batch)
-            _observe(view, sources, draft, tokens, confirmed, before, picks, lengths, offers, predicted)
-        most, start = max(counts), batch.width
-        batch.commit_draft(most, accepted if min(counts) < most else None)
-        batch.commit(tokens.gather(1, accepted[:, None]) if k else tokens)
-        batch.rollback(start + most)
-        batch.pending, batch.predicted = _next_drafts(_RunView(self, batch), pending, predicted, tokens, accepted, k)
-        if not prefill:
-            policy.finished()
-        return going, events
-
-
-class _RunView:
-    """What ``dllm.draft_jacobi``'s helpers read of a run: the batch, each row's tokens, the placeholder."""
-
-    def __init__(self, stepper: Stepper, batch: Batch):
-        self.batch, self.placeholder = batch, stepper.placeholder
-        self.generated = _Generated(stepper)
-
-
-class _Generated:
-    """``run.generated[slot]`` of a stepper: the row's generated tokens."""
-
-    def __init__(self, stepper: Stepper):
-        self.stepper = stepper
-
-    def __getitem__(self, slot: int) -> list[int]:
-        return self.stepper.slots[slot].generated

@@ -48,7 +48,8 @@ class Params:
 @dataclass
 class Job:
     """One request in flight; the engine puts ``("delta", text)``, then ``("end", finish_reason, usage)``
-    or ``("error", status, message)`` on ``queue``."""
+    or ``("error", status, message)`` on ``queue`` (a step's items for every job in one hand-off to ``loop``;
+    a whole response, not streamed, gets one delta: its text)."""
 
     params: Params
     loop: asyncio.AbstractEventLoop
@@ -59,9 +60,6 @@ class Job:
     forwards: int = 0
     finished: bool = False
 
-    def put(self, item: tuple) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
     def usage(self) -> dict:
         prompt = len(self.params.prompt_ids)
         return {
@@ -71,6 +69,12 @@ class Job:
             "forwards": self.forwards,
             "tokens_per_forward": round(self.completion_tokens / max(self.forwards, 1), 4),
         }
+
+
+def _put_all(items: list[tuple[Job, tuple]]) -> None:
+    """On the event loop: each job's items, in order."""
+    for job, item in items:
+        job.queue.put_nowait(item)
 
 
 class Engine:
@@ -110,6 +114,7 @@ class Engine:
         self._wake = threading.Condition()
         self._incoming: list[Job] = []
         self._cancelled: list[Job] = []
+        self._outbox: list[tuple[Job, tuple]] = []  # one step's items: one wake-up of each event loop
         self.thread = threading.Thread(target=self._run, name="dllm-engine", daemon=True)
 
     def start(self) -> None:
@@ -192,6 +197,25 @@ class Engine:
                         stepper.cancel(event.id)
                         if event.id in self.jobs:
                             self._fail(self.jobs[event.id], error)
+                self._send()
+            self._send()
+
+    def _put(self, job: Job, item: tuple) -> None:
+        self._outbox.append((job, item))
+
+    def _send(self) -> None:
+        """Hand the step's items to their event loops, one call per loop (not one per row and forward)."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, item in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed (a test's client went): nobody reads these
+                log.warning("an event loop closed with %d items for it", len(items))
 
     def _deliver(self, stepper: Stepper, event) -> None:
         job = self.jobs.get(event.id)
@@ -208,18 +232,20 @@ class Engine:
         delta = job.stream.push(event.tokens, last=last)
         if job.stream.stopped:
             stepper.cancel(job.id)
-        if delta:
-            job.put(("delta", delta))
+        if delta and job.params.stream:
+            self._put(job, ("delta", delta))
         if last or job.stream.stopped:
             reason = "stop" if job.stream.stopped or event.finish_reason == "eos" else "length"
             job.finished = True
-            job.put(("end", reason, job.usage()))
+            if not job.params.stream and job.stream.text:  # a whole response: its text in one item
+                self._put(job, ("delta", job.stream.text))
+            self._put(job, ("end", reason, job.usage()))
             if last:
                 self._forget(job)
 
     def _fail(self, job: Job, error: Exception) -> None:
         job.finished = True
-        job.put(("error", 500, f"generation failed: {type(error).__name__}: {error}"))
+        self._put(job, ("error", 500, f"generation failed: {type(error).__name__}: {error}"))
         self._forget(job)
 
     def _forget(self, job: Job) -> None:

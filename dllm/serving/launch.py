@@ -112,8 +112,9 @@ def serve(module, datamodule, settings: ServerSettings, ckpt_path: str | None = 
 
 def main() -> None:
     """Run ``serve.py``'s command line; a user mistake prints one ``error:`` line and exits with code 2."""
-    # predict's checks want something to predict; the server never builds a loader, so one placeholder prompt
-    args = ["predict", "--data.prompt", "(served over HTTP)", *sys.argv[1:]]
+    # predict's checks want something to predict; the server never builds a loader, so one placeholder prompt,
+    # last: a --config (configs/predict-tiny.yaml says `prompt: null`) must not undo it
+    args = ["predict", *sys.argv[1:], "--data.prompt", "(served over HTTP)"]
     no_exit = {"exit_on_error": False}
     parser_kwargs = {**no_exit, **{name: dict(no_exit) for name in SUBCOMMANDS}}
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
