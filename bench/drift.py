@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from real import encode, generate, teacher_forced  # noqa: E402
 
-from dllm.lora import LoraSettings, add_lora, merge_lora  # noqa: E402
-from dllm.prompts import checkable_prompts, is_answer, make_prompts  # noqa: E402
-from dllm.tokenizer import load_tokenizer  # noqa: E402
+from dllm.data.prompts import checkable_prompts, is_answer, make_prompts  # noqa: E402
+from dllm.data.tokenizer import load_tokenizer  # noqa: E402
+from dllm.training.lora import LoraSettings, add_lora, merge_lora  # noqa: E402
 
 
 class AdapterSnapshots(L.Callback):

@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=None if args.file is None else args.file.parent) as tmp:
         os.environ["DLLM_CACHE_DIR"] = str(Path(tmp) / "cache")
-        from dllm import predictions
+        from dllm.data import predictions
 
         path = args.file
         if path is None:

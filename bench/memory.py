@@ -24,7 +24,7 @@ def measure(args: argparse.Namespace, chunk: int | None) -> dict:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from dllm.objective import iterative_refine_loss
+    from dllm.training.objective import iterative_refine_loss
 
     torch.manual_seed(0)
     config = Qwen2Config(

@@ -1,13 +1,13 @@
 """A real model before and after self-distillation: SmolLM2-135M-Instruct on held-out prompts.
 
 Compares the base model with one or more self-distilled ones (fine-tuned with the objective on their own
-greedy answers, docs/real.md) in one run. Everything is on prompts never trained on (``dllm.prompts``,
+greedy answers, docs/real.md) in one run. Everything is on prompts never trained on (``dllm.data.prompts``,
 split ``test``), plus a few hand-written general chat prompts:
 
 - do the answers stay the model's? KL(base || distilled) in nats per token and the share of positions whose
   argmax agrees, both teacher-forced on the base model's greedy answers; the distilled model's greedy answers
   against the base model's (exact, and first 32 tokens);
-- are they still right? accuracy on held-out checkable questions (``dllm.prompts.checkable_prompts``:
+- are they still right? accuracy on held-out checkable questions (``dllm.data.prompts.checkable_prompts``:
   capitals, languages, sums, days in weeks, ...; an answer counts when the response contains it);
 - is it faster? jacobi tokens per forward (TPF) at each N (and whether jacobi's output is the same model's
   greedy output); refine N/R TPF and agreement with greedy; tokens/s at batch 1 of HF ``generate``, jacobi
@@ -39,9 +39,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from dllm import iterative_generate  # noqa: E402
+from dllm.data.prompts import checkable_prompts, is_answer, make_prompts  # noqa: E402
+from dllm.data.tokenizer import load_tokenizer  # noqa: E402
 from dllm.module import stop_token_ids  # noqa: E402
-from dllm.prompts import checkable_prompts, is_answer, make_prompts  # noqa: E402
-from dllm.tokenizer import load_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Not from the prompt generator's templates: do the answers stay general-purpose English?

@@ -228,8 +228,8 @@ def prepare_model(args) -> str:
 
 
 def load_prompts(args, folder: str) -> list[str]:
+    from dllm.data.tokenizer import render_chat
     from dllm.module import DLLMModule
-    from dllm.tokenizer import render_chat
 
     tokenizer = DLLMModule(pretrained=folder).tokenizer
     if args.prompts:

@@ -7,7 +7,7 @@ the same output reuses the records that match it (prompt and rendered prompt,
 generation settings, model, tokenizer) and predicts the rest, so a killed run
 loses nothing it had finished; records that do not match stop the run unless
 ``overwrite`` is set, which replaces the output only once the new one is written
-(``dllm.predictions`` has the rules).
+(``dllm.data.predictions`` has the rules).
 
 Paths left unset derive from ``trainer.default_root_dir``, so one flag moves a
 whole run: predictions in ``<root>/predictions.jsonl``, the HF export in
@@ -27,12 +27,13 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from dllm import interrupts, predictions
+from dllm import interrupts
+from dllm.data import predictions
+from dllm.data.records import dumps_line
+from dllm.data.tokenizer import tokenizer_fingerprint
+from dllm.distributed import forwards_are_collective
 from dllm.errors import UserError
-from dllm.lora import merge_lora
-from dllm.records import dumps_line
-from dllm.strategies import forwards_are_collective
-from dllm.tokenizer import tokenizer_fingerprint
+from dllm.training.lora import merge_lora
 
 
 class SampleGeneration(L.Callback):

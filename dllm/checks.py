@@ -10,7 +10,7 @@ Two kinds of mistakes otherwise surface late and as tracebacks (docs/method.md, 
   predict run does not generate everything first and then fail leaving ``.rank0``/``.tmp`` files.
 
 Everything here is cheap (no model, no tokenizer) and imports nothing heavy at module level, so the
-small command lines (``python -m dllm.tasks``, ``dllm.prompts``, ``dllm.models``) use it too.
+small command lines (``python -m dllm.tasks``, ``dllm.data.prompts``, ``dllm.models``) use it too.
 """
 
 from __future__ import annotations

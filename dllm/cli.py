@@ -49,9 +49,9 @@ from dllm import interrupts
 from dllm.callbacks import LineProgress, PredictionWriter
 from dllm.checks import check_prediction_output, check_settings, config_file_error
 from dllm.data import DLLMDataModule
+from dllm.data.records import check_arguments, check_records
 from dllm.errors import UserError
 from dllm.module import DLLMModule, GenerationSettings
-from dllm.records import check_arguments, check_records
 from dllm.resume import ResumePoint, unset_settings, weights_mismatch
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")

@@ -1,8 +1,8 @@
 """``DLLMModule``: one LightningModule for both halves of the method.
 
-``training_step`` runs the iterative-refine objective (``dllm.objective``);
+``training_step`` runs the iterative-refine objective (``dllm.training.objective``);
 ``validation_step`` logs a seeded loss and generates for the validation
-prompts; ``predict_step`` runs block generation (``dllm.generation``) and
+prompts; ``predict_step`` runs block generation (``dllm.generation.engine``) and
 returns one record per prompt (docs/method.md, section 9). The model is an ordinary HF
 causal LM, loaded from ``pretrained`` or built from ``model_config``.
 """
@@ -21,16 +21,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, SumMetric
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dllm.draft_sources import parse_sources
-from dllm.drift import BaseReference, drift_stats
+from dllm.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
+from dllm.distributed import forwards_are_collective
 from dllm.errors import UserError
 from dllm.generation import iterative_generate
-from dllm.lora import LoraSettings, add_lora
+from dllm.generation.draft_sources import parse_sources
 from dllm.models import readable_like_the_rest
-from dllm.objective import iterative_refine_loss
-from dllm.strategies import forwards_are_collective
 from dllm.tasks import TASKS, check_answer
-from dllm.tokenizer import BYTE_TOKENIZER, load_tokenizer
+from dllm.training.drift import BaseReference, drift_stats
+from dllm.training.lora import LoraSettings, add_lora
+from dllm.training.objective import iterative_refine_loss
 
 
 @dataclass
@@ -167,7 +167,7 @@ class DLLMModule(L.LightningModule):
         ar_loss_weight: weight of an extra clean-input next-token loss (0 = off; ``"packed"`` takes it from the
             rounds' forward).
         drift_weight: weight of the drift term, ``KL(base || tuned)`` per answer token on the clean answer
-            (``dllm.drift``): it keeps the tuned model's next-token distributions the base model's. 0 = off.
+            (``dllm.training.drift``): it keeps the tuned model's next-token distributions the base model's. 0 = off.
             The base is the model with its LoRA adapters off (one more no-grad forward), or without ``lora``
             a frozen copy of the loaded weights (their memory again). Not with ``loss_chunk_size``.
         val_drift: the drift meter: validation logs ``val/kl_to_base`` (``KL(base || tuned)`` per answer token)

@@ -15,7 +15,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from dllm.drafting import forget
+from dllm.generation.drafting import forget
 
 VOCAB = 40
 EOS = 1

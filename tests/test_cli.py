@@ -12,8 +12,8 @@ import torch
 from conftest import SMALL_MODEL as SMALL_MODEL_CONFIG
 
 from dllm.cli import DLLMCLI, one_line
+from dllm.data.predictions import model_fingerprint, score
 from dllm.errors import UserError
-from dllm.predictions import model_fingerprint, score
 from dllm.tasks import generate_examples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -399,7 +399,7 @@ def test_model_options_with_a_checkpoint_stop_reuse(predicted, option):
 
 def test_the_model_fingerprint_covers_every_byte_and_the_model_options(tmp_path, monkeypatch):
     """Issue: a size + last-MiB fingerprint did not change when only layer 0 of a safetensors file changed."""
-    from dllm import predictions
+    from dllm.data import predictions
 
     weights = tmp_path / "model.safetensors"
     data = bytearray(os.urandom(3 << 20))
@@ -427,7 +427,7 @@ def test_the_model_fingerprint_covers_every_byte_and_the_model_options(tmp_path,
 
 
 def test_records_of_another_tokenizer_are_not_reused():
-    from dllm.predictions import mismatch
+    from dllm.data.predictions import mismatch
 
     record = {"checkpoint": "m@1", "tokenizer": "t@1", "settings": {}, "prompt": "p", "prompt_digest": "d"}
     assert mismatch({"a": record}, {"a": "p"}, {}, "m@1", "t@1", {"a": "d"}) is None

@@ -178,7 +178,7 @@ def _strategy(base: type, world_size: int, zero_stage_3: bool = False, global_ra
 def test_forwards_are_collective_only_for_sharded_strategies():
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
-    from dllm.strategies import forwards_are_collective
+    from dllm.distributed import forwards_are_collective
 
     assert forwards_are_collective(_strategy(FSDPStrategy, 2))
     assert forwards_are_collective(_strategy(DeepSpeedStrategy, 4, zero_stage_3=True))

@@ -19,10 +19,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dllm import iterative_generate
 from dllm.cli import DLLMCLI
 from dllm.data import DLLMDataModule
+from dllm.data.prompts import make_prompts
 from dllm.models import main as models_main
 from dllm.models import missing_requirements
 from dllm.module import DLLMModule, stop_token_ids
-from dllm.prompts import make_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 # the engine may adapt jacobi's draft length; these tests pin it to N

@@ -28,7 +28,7 @@ from dllm.errors import UserError
 from dllm.evaluation.meter import METER, hf_stop_ids, per_task
 from dllm.evaluation.stops import stop_point
 from dllm.generation import iterative_generate
-from dllm.sampling import prompt_keys
+from dllm.generation.sampling import prompt_keys
 
 # The generation settings a request's kwargs may carry (a task's ``generation_kwargs``, ``--gen_kwargs``);
 # anything else (``repetition_penalty``, ``num_beams``, ...) the engine cannot honour, and says so.

@@ -22,9 +22,9 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from dllm.data.tokenizer import render_chat
 from dllm.serving.engine import Engine, Job, Params, QueueFull
 from dllm.serving.requests import ApiError, Defaults, messages_of, prompt_of, settings_of
-from dllm.tokenizer import render_chat
 
 POLL = 0.25  # seconds between checks that a whole-response client is still there
 

@@ -2,7 +2,7 @@
 
 One thread owns the model. HTTP handlers (``dllm.serving.api``) hand it a
 :class:`Job` and read the job's asyncio queue; the thread admits new jobs into
-the :class:`~dllm.stepper.Stepper` of their decoding configuration (mode, block
+the :class:`~dllm.generation.stepper.Stepper` of their decoding configuration (mode, block
 size, refine rounds, draft sources: usually one), runs one step of every busy
 stepper, and puts each step's text delta on the jobs' queues at once, so a
 request joins the running batch at the next forward and a client sees every
@@ -19,8 +19,8 @@ import logging
 import threading
 from dataclasses import dataclass, field
 
+from dllm.generation.stepper import Stepper
 from dllm.serving.stream import TextStream
-from dllm.stepper import Stepper
 
 log = logging.getLogger(__name__)
 

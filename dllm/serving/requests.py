@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from dllm.draft_sources import parse_sources
+from dllm.generation.draft_sources import parse_sources
 
 MAX_STOPS = 4  # as OpenAI
 DLLM_KEYS = ("mode", "add_eos_length", "refine_iter", "draft_sources")
@@ -183,7 +183,7 @@ def _dllm_config(body: dict, defaults: Defaults) -> tuple:
     try:
         sources = ",".join(parse_sources(sources)) or "none"
     except (ValueError, TypeError, AttributeError) as error:
-        raise bad("dllm.draft_sources", str(error)) from None
+        raise bad("dllm.generation.draft_sources", str(error)) from None
     n = defaults.add_eos_length if n is None else n
     r = defaults.refine_iter if r is None else r
     return mode, n, r if mode == "refine" else 1, sources if mode == "jacobi" else "none"

@@ -12,8 +12,8 @@ import argparse
 import sys
 
 from dllm.checks import check_output_file
+from dllm.data.records import write_jsonl
 from dllm.errors import UserError
-from dllm.records import write_jsonl
 from dllm.tasks import SPLIT_BUCKETS, TASKS, generate_examples
 
 

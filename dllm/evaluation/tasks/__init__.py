@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dllm.records import write_jsonl
+from dllm.data.records import write_jsonl
 from dllm.tasks import TASKS, check_answer, generate_examples
 
 TASKS_DIR = Path(__file__).resolve().parent

@@ -1,0 +1,7 @@
+"""Generation: the block-parallel decoding engine (refine, jacobi), its draft policy and sources, the
+batch and KV-cache bookkeeping, the exact sampler and rank sync. Pure PyTorch, no Lightning.
+"""
+
+from dllm.generation.engine import GenerateOutput, TraceStep, filter_logits, iterative_generate
+
+__all__ = ["GenerateOutput", "TraceStep", "filter_logits", "iterative_generate"]
