@@ -2,6 +2,7 @@
 batch and KV-cache bookkeeping, the exact sampler and rank sync. Pure PyTorch, no Lightning.
 """
 
-from dllm.generation.engine import GenerateOutput, TraceStep, filter_logits, iterative_generate
+from dllm.generation.contract import GenerateOutput, TraceStep
+from dllm.generation.engine import filter_logits, iterative_generate
 
 __all__ = ["GenerateOutput", "TraceStep", "filter_logits", "iterative_generate"]

@@ -66,10 +66,11 @@ those curves (as two forwards of evidence) instead of the flat prior, so short a
 from __future__ import annotations
 
 import time
-from collections import deque
 
 import numpy as np
 
+from dllm.generation.draft_acceptance import Acceptance
+from dllm.generation.draft_costs import StepCosts, optimistic_cost
 from dllm.generation.draft_memory import (
     MODEL,
     PRIOR,
@@ -81,7 +82,6 @@ from dllm.generation.draft_memory import (
     low,
     memory_of,
 )
-from dllm.generation.draft_sources import SOURCES
 
 __all__ = [
     "DraftMemory",
@@ -96,21 +96,25 @@ __all__ = [
     "TEXT_HAZARD",
 ]
 
-REMEMBERED = 2.0  # forwards' worth of evidence a row takes from the model's curve
-FADE = 0.9  # weight kept by past evidence at each forward that tests the row's draft
-IDLE_FADE = 0.99  # ... and at each forward that does not (the drift back toward the prior)
 HOLD = 8  # forwards a "no draft" decision stands before it is reconsidered
 PROBE_EVERY = 8  # forwards between probes: a draft longer than the costs say (doubling after each probe) ...
 PROBE_MAX = 64  # ... up to this many
-PROBE_SLOPE = 0.05  # a probe's length: the best draft if each drafted token cost this share of a 1-token step
 MARGIN = 0.05  # a draft must promise to save this share of the time (noise in the measures)
 PROBE = 3  # draft length of the prefill
-USELESS_TRIALS = 8  # tested draft tokens before a text source can be judged useless for a row ...
-USELESS_RATE = 0.1  # ... when fewer than this share of them were confirmed: never picked again for it
+
+
+def _owned(part: str, name: str, doc: str) -> property:
+    """An attribute of a model the policy owns, read (and changed in place) through the policy."""
+    return property(lambda self: getattr(getattr(self, part), name), doc=doc)
 
 
 class DraftPolicy:
     """Chooses the jacobi draft length per forward.
+
+    It owns an acceptance model (:class:`~dllm.generation.draft_acceptance.Acceptance`: how far each
+    row's drafts survive, per source, and which source to verify) and a cost model
+    (:class:`~dllm.generation.draft_costs.StepCosts`: what a forward of each size costs); it times the
+    steps, runs the calibration steps and the probes, and decides the length.
 
     Args:
         max_draft: the longest draft (``add_eos_length``).
@@ -120,6 +124,13 @@ class DraftPolicy:
         memory: what earlier calls on the same model measured; updated by this one. A calibrated memory
             skips the calibration steps.
     """
+
+    # per-row tables (a slot's new row resets them: dllm.generation.stepper) and the step times
+    reached = _owned("acceptance", "reached", "``[row, source, position]`` faded drafts that reached a position")
+    rejected = _owned("acceptance", "rejected", "... and were rejected there")
+    tested = _owned("acceptance", "tested", "``[row, source]`` unfaded tested draft tokens")
+    confirmed = _owned("acceptance", "confirmed", "... and those confirmed")
+    times = _owned("costs", "times", "forward size -> recent step seconds")
 
     def __init__(
         self,
@@ -131,20 +142,11 @@ class DraftPolicy:
     ):
         self.max_draft, self.adaptive, self.clock = max_draft, adaptive, clock
         self.memory = memory or DraftMemory()
-        # a new row starts near the model's recent rate, as if it had seen REMEMBERED draft tokens; like
-        # its own evidence this fades toward PRIOR while the row does not draft, so it is tried again
-        shape = (rows, len(SOURCES), max(max_draft, 1))
-        self.reached = np.zeros(shape)  # faded: drafts of a row and source that reached a position
-        self.rejected = np.zeros(shape)  # ... and were rejected there
-        self.prior = self.memory.hazard(shape[2])  # [source, position], the model's curve
-        self.tested = np.zeros(shape[:2])  # unfaded tested / confirmed draft tokens: is a source useless?
-        self.confirmed = np.zeros(shape[:2])
-        self.times = self.memory.times  # forward size -> recent step seconds
+        self.acceptance = Acceptance(max_draft, rows, self.memory)
+        self.costs = StepCosts(self.memory.times)
         self.steps = 0  # forwards of this call
         self.calibrating = not self.memory.calibrated  # steps 0-2 measure costs
         self._last: tuple[int, float] | None = None  # (size, start) of the step being timed
-        self._medians = {size: low(samples) for size, samples in self.times.items()}
-        self._table: tuple[np.ndarray, np.ndarray] | None = None  # sizes and their median seconds
         self._held: tuple[int, int] = (0, 0)  # (forwards left, rows) of a standing "no draft" decision
         self.candidates = np.array(_candidates(max_draft))
         self._since = 0  # forwards since the last probe
@@ -165,72 +167,15 @@ class DraftPolicy:
             self._last = None
 
     def record(self, size: int, seconds: float) -> None:
-        """Add one measured step time for forwards of ``size`` = rows x columns."""
-        samples = self.times.setdefault(size, deque(maxlen=SAMPLES))
-        samples.append(seconds)
-        self._medians[size] = low(samples)
-        self._table = None
+        """Add one measured step time for forwards of ``size`` = rows x columns (:meth:`StepCosts.record`)."""
+        self.costs.record(size, seconds)
 
-    def accepted(
-        self,
-        rows: list[int],
-        drafted: int,
-        accepted: list[int],
-        informative: list[bool],
-        picks: list[int] | None = None,
-        lengths: list[int] | None = None,
-        shadows: list[list[tuple[int, int, bool]]] | None = None,
-    ) -> None:
+    def accepted(self, rows, drafted, accepted, informative, picks=None, lengths=None, shadows=None) -> None:
         """Record, per active row, how many of ``drafted`` draft tokens the forward confirmed.
 
-        Args:
-            rows: original indices of the active rows.
-            drafted: the draft length of the forward.
-            accepted: per row, the confirmed draft tokens.
-            informative: per row, False when its draft held no guess (only placeholders after a step
-                without a draft): it says nothing about the row's drafts and is left out.
-            picks: per row, the source of its draft (``None``: all the model's own).
-            lengths: per row, how many draft tokens its source offered (fewer than ``drafted`` when
-                a candidate was short); ``None``: ``drafted``.
-            shadows: per row, what the candidates that were not verified would have confirmed, judged
-                against the tokens the forward committed: ``(source, reached, rejected)``, the candidate
-                matched ``reached - 1`` committed tokens and then broke (``rejected``) or matched all
-                ``reached`` that are known (censored). ``None``: none.
+        The arguments are :meth:`Acceptance.accepted`'s.
         """
-        memory = (self.memory.reached[self.reached.shape[2]], self.memory.rejected[self.reached.shape[2]])
-        faded = set()
-        for i, (row, count, useful) in enumerate(zip(rows, accepted, informative)):
-            source = picks[i] if picks is not None else MODEL
-            offered = min(lengths[i], drafted) if lengths is not None else drafted
-            tested = {source} if offered and useful else set()
-            if tested:
-                count = min(count, offered)
-                tried = min(count + 1, offered)
-                self._learn(row, source, tried, count < offered, faded, memory)
-                self.tested[row, source] += tried
-                self.confirmed[row, source] += count
-            for other, reached, rejected in shadows[i] if shadows is not None else ():
-                if reached and other not in tested:
-                    self._learn(row, other, reached, rejected, faded, memory)
-                    tested.add(other)
-            if MODEL not in tested:  # the model's drafts untested: fade toward the prior
-                self.reached[row, MODEL] *= IDLE_FADE
-                self.rejected[row, MODEL] *= IDLE_FADE
-
-    def _learn(self, row: int, source: int, reached: int, rejected: bool, faded: set, memory) -> None:
-        """One forward's evidence on a row's source: positions ``< reached`` tested, a rejection at the last."""
-        self.reached[row, source] *= FADE
-        self.rejected[row, source] *= FADE
-        self.reached[row, source, :reached] += 1.0
-        memory_reached, memory_rejected = memory
-        if source not in faded:  # the model's curve: one fade per forward that tested the source
-            memory_reached[source] *= FADE
-            memory_rejected[source] *= FADE
-            faded.add(source)
-        memory_reached[source, :reached] += 1.0
-        if rejected:
-            self.rejected[row, source, reached - 1] += 1.0
-            memory_rejected[source, reached - 1] += 1.0
+        self.acceptance.accepted(rows, drafted, accepted, informative, picks, lengths, shadows)
 
     # --- the decision -------------------------------------------------------------
 
@@ -246,85 +191,25 @@ class DraftPolicy:
         return not self.adaptive or self.steps > 2
 
     def expected(self, rows: list[int]) -> np.ndarray:
-        """``[rows, source, max_draft + 1]``: expected confirmed tokens of a draft of each length.
-
-        The Kaplan-Meier survival curve of each row and source (its own faded
-        evidence, plus the model's curve as ``REMEMBERED`` forwards of it),
-        summed over the positions.
-        """
-        reached, rejected = self.reached[rows], self.rejected[rows]
-        self.prior = self.memory.hazard(self.reached.shape[2])  # the model's curve as it stands: rows teach rows
-        hazard = (rejected + REMEMBERED * self.prior) / (reached + REMEMBERED)
-        survival = np.cumprod(1.0 - np.minimum(hazard, 1.0), axis=-1)
-        return np.concatenate([np.zeros(survival.shape[:2] + (1,)), np.cumsum(survival, axis=-1)], axis=-1)
+        """``[rows, source, max_draft + 1]``: expected confirmed tokens of a draft of each length."""
+        return self.acceptance.expected(rows)
 
     def rate(self, row: int, source: int = MODEL) -> float:
         """Row ``row``'s estimated chance that the first draft token of ``source`` is confirmed."""
-        return float(self.expected([row])[0, source, 1])
+        return self.acceptance.rate(row, source)
 
     def useless(self, row: int, source: int) -> bool:
-        """Whether ``source`` was measured useless for ``row``: a text source that had its chance.
-
-        The model's own drafts are never ruled out: the length decision weighs
-        them each forward, and a row whose guesses turn good is tried again.
-        """
-        tested = self.tested[row, source]
-        return source != MODEL and tested >= USELESS_TRIALS and self.confirmed[row, source] < USELESS_RATE * tested
+        """Whether ``source`` was measured useless for ``row`` (:meth:`Acceptance.useless`)."""
+        return self.acceptance.useless(row, source)
 
     def pick(
         self, rows: list[int], offers: list[list], guesses: list[int] | None = None
     ) -> tuple[list[int], list[int]]:
         """Per active row, the source whose candidate to verify, and that candidate's length.
 
-        Among the sources with a candidate for the row and not measured useless
-        for it, the one that commits the most over this forward and the next.
-        A text candidate is charged for the model draft it displaces: when it is
-        rejected, the forward's predictions past the rejection were conditioned
-        on its wrong tokens, so the next forward starts from what is left of the
-        model's own draft (its guesses past the committed tokens), not from a
-        fresh one. So a text candidate of ``E_t`` expected tokens that survives
-        whole with chance ``S_t`` beats the model's draft of ``E_m(g)`` (``g``
-        guesses) only when ``E_t - (1 - S_t) (E_m(n) - E_m(g - 1)) > E_m(g)``,
-        ``n`` the longest draft; ties go to the model. Without the charge a
-        trained model's placeholder drafts (``g = 0``, after a draft confirmed
-        whole) lost to any n-gram, which spoilt the next draft in turn (with the
-        other causes: 5.28 tokens per forward fell to 2.42 on the recipe model
-        of ``bench/quality.py``; docs/method.md, section 3). Until the
-        model's drafts were tested at all (on any row of any call), a row with
-        model guesses verifies those.
-
-        Args:
-            rows: original indices of the active rows.
-            offers: per row, per source, the candidate (``None``: none); the model's slot is ignored.
-            guesses: per row, how many of the model's own draft tokens are guesses (the rest are
-                placeholders); ``None``: ``max_draft``.
-
-        Returns:
-            ``(picks, lengths)``: the source per row, and its candidate's length (``max_draft`` for the model).
+        The arguments and the rule are :meth:`Acceptance.pick`'s.
         """
-        expected = self.expected(rows)
-        unknown = not self.memory.reached[self.reached.shape[2]][MODEL, 0]  # the model's drafts never tested
-        picks, lengths = [], []
-        for i, (row, offer) in enumerate(zip(rows, offers)):
-            best, length = MODEL, self.max_draft
-            most = expected[i, MODEL, self.max_draft if guesses is None else min(guesses[i], self.max_draft)]
-            if unknown and most > 0:  # try the model's own guesses first: they cost nothing to offer
-                picks.append(best)
-                lengths.append(length)
-                continue
-            guessed = self.max_draft if guesses is None else min(guesses[i], self.max_draft)
-            displaced = expected[i, MODEL, self.max_draft] - expected[i, MODEL, max(guessed - 1, 0)]
-            for source in range(len(SOURCES) - 1, MODEL, -1):
-                candidate = offer[source]
-                if candidate is not None and not self.useless(row, source):
-                    n = min(len(candidate), self.max_draft)
-                    whole = expected[i, source, n] - expected[i, source, n - 1] if n else 0.0  # survives whole
-                    gain = expected[i, source, n] - (1.0 - whole) * displaced
-                    if gain > most:
-                        best, most, length = source, gain, len(candidate)
-            picks.append(best)
-            lengths.append(length)
-        return picks, lengths
+        return self.acceptance.pick(rows, offers, guesses)
 
     def choose(
         self, rows: list[int], remaining: list[int], picks: list[int] | None = None, lengths: list[int] | None = None
@@ -363,7 +248,7 @@ class DraftPolicy:
         self._held = (HOLD - 1, len(rows)) if k == 0 and only_model else (0, 0)
         if probe:
             self._since = 0
-            optimistic = max(1, self._decide(rows, remaining, longest, picks, lengths, _optimistic))
+            optimistic = max(1, self._decide(rows, remaining, longest, picks, lengths, optimistic_cost))
             if optimistic > k:  # the costs may be what is wrong: measure the length a sane estimate picks
                 self._probe_every = min(2 * self._probe_every, PROBE_MAX)
                 self._held = (0, 0)
@@ -396,32 +281,8 @@ class DraftPolicy:
         return int(ks[len(ks) - 1 - int(np.argmin(total[::-1]))])  # ties go to the longer draft: it costs nothing more
 
     def cost(self, size):
-        """Estimated seconds of a step of ``size`` rows x columns (an int or an array).
-
-        Linear between measured sizes, flat below the smallest, the slope of the
-        two largest above the largest (never cheaper); 1.0 before any measure.
-        """
-        if self._table is None:
-            sizes = sorted(self._medians)
-            seconds = [self._medians[s] for s in sizes]
-            if len(sizes) >= 2:  # a far point carries the slope of the two largest
-                slope = max((seconds[-1] - seconds[-2]) / (sizes[-1] - sizes[-2]), 0.0)
-                sizes, seconds = sizes + [sizes[-1] * 1000], seconds + [seconds[-1] + slope * sizes[-1] * 999]
-            self._table = (np.array(sizes, dtype=np.float64), np.array(seconds))
-        sizes, seconds = self._table
-        if len(sizes) == 0:
-            return np.ones_like(np.asarray(size, dtype=np.float64))
-        return np.interp(size, sizes, seconds)
-
-
-def _optimistic(size):
-    """The cheapest plausible step cost, in one-token steps: ``PROBE_SLOPE`` of one per extra column.
-
-    A probe drafts what this prior would choose (the measured costs may be the
-    very thing that is wrong), so it measures the size a sane cost estimate
-    would pick: an absurd step time at that size is then outvoted (:func:`low`).
-    """
-    return 1.0 + PROBE_SLOPE * (np.asarray(size, dtype=np.float64) - 1.0)
+        """Estimated seconds of a step of ``size`` rows x columns (an int or an array; :meth:`StepCosts.cost`)."""
+        return self.costs.cost(size)
 
 
 def _candidates(max_draft: int) -> list[int]:
