@@ -16,7 +16,9 @@ from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from torch.utils.data import DistributedSampler
 
 from dllm.cli import DLLMCLI
-from dllm.data.datamodule import DLLMDataModule, EpochSampler, ListDataset, ResumableDataLoader, encode_example
+from dllm.data import DLLMDataModule
+from dllm.data.batching import EpochSampler, ListDataset, ResumableDataLoader
+from dllm.data.examples import encode_example
 from dllm.data.records import check_arguments
 from dllm.data.tokenizer import load_tokenizer, render_chat, response_text
 from dllm.errors import UserError
