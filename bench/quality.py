@@ -58,7 +58,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from dllm.data import DLLMDataModule  # noqa: E402
-from dllm.module import DLLMModule, GenerationSettings  # noqa: E402
+from dllm.generation import GenerationSettings  # noqa: E402
+from dllm.module import DLLMModule  # noqa: E402
 from dllm.tasks import check_answer, generate_examples  # noqa: E402
 
 # From-scratch objectives; every other setting is shared.
