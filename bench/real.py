@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from dllm import iterative_generate  # noqa: E402
 from dllm.data.prompts import checkable_prompts, is_answer, make_prompts  # noqa: E402
 from dllm.data.tokenizer import load_tokenizer  # noqa: E402
-from dllm.module import stop_token_ids  # noqa: E402
+from dllm.prediction_records import stop_token_ids  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Not from the prompt generator's templates: do the answers stay general-purpose English?

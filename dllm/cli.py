@@ -8,7 +8,7 @@ On top of Lightning's CLI it
   is set explicitly: checkpoints in ``<root>/checkpoints``, logs in ``<root>``,
   the HF export in ``<root>/hf``, predictions in ``<root>/predictions.jsonl``;
 - checks the checkpoint, the data arguments, the settings and predict's output
-  (``dllm.checks``) before any model loads, and stops
+  (``dllm.preflight``, ``dllm.checks``) before any model loads, and stops
   a resume that has nothing left to train (``NothingToTrain``);
 - removes a log folder a run created but logged nothing into (a run that failed or
   trained nothing leaves no empty ``lightning_logs/version_N``);
@@ -25,10 +25,8 @@ those signals, this run's optimizer settings on a resume).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -37,7 +35,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -47,16 +44,25 @@ from transformers.utils import logging as hf_logging
 
 from dllm import interrupts
 from dllm.callbacks import LineProgress, PredictionWriter
-from dllm.checks import check_prediction_output, check_settings, config_file_error
+from dllm.checks import config_file_error
 from dllm.data import DLLMDataModule
-from dllm.data.records import check_arguments, check_records
 from dllm.errors import UserError
-from dllm.module import DLLMModule, GenerationSettings
+from dllm.module import DLLMModule
+from dllm.preflight import (
+    NothingToTrain,
+    check_checkpoint,
+    check_data,
+    check_early,
+    check_generation,
+    check_model_source,
+    check_resume,
+    derive_run_paths,
+    has_class,
+    last_checkpoint,
+)
 from dllm.resume import ResumePoint, unset_settings, weights_mismatch
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
-# --ckpt_path values Lightning resolves itself (not files)
-SPECIAL_CHECKPOINTS = ("last", "best", "hpc")
 # model options that say how to run the weights of a --ckpt_path: a value given on the command line wins
 RUNTIME_MODEL_KEYS = ("dtype", "attn_implementation")
 # what a log folder holds before anything is logged (LightningCLI's config, the logger's hyperparameters)
@@ -79,14 +85,6 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
     logging.getLogger(_name).addFilter(_NoTips())
 
 
-class NothingToTrain(Exception):
-    """``fit`` would resume from a checkpoint that already reached ``trainer.max_steps``.
-
-    Raised before any model loads; ``main`` prints the message as one line and exits with code 0
-    (the run is complete), without touching the checkpoint, the HF export or the logs.
-    """
-
-
 class DLLMCLI(LightningCLI):
     """``fit``/``validate``/``predict`` over ``DLLMModule`` and ``DLLMDataModule``."""
 
@@ -105,11 +103,11 @@ class DLLMCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand:  # before Lightning reads the checkpoint's hyperparameters, and before any model loads
             check_checkpoint(self.config[subcommand].get("ckpt_path"))
-            _check_model_source(self.config[subcommand], subcommand)
+            check_model_source(self.config[subcommand], subcommand)
             if subcommand in ("fit", "validate", "predict"):
-                _check_generation(self.config[subcommand].model)
-                _check_data(self.config[subcommand].data, subcommand)
-                _check_early(self.config[subcommand], subcommand)
+                check_generation(self.config[subcommand].model)
+                check_data(self.config[subcommand].data, subcommand)
+                check_early(self.config[subcommand], subcommand)
             if subcommand == "fit":
                 derive_run_paths(self.config.fit.trainer)  # where ``last`` is
                 check_resume(self.config.fit)
@@ -135,7 +133,7 @@ class DLLMCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         derive_run_paths(config.trainer)
         if self.subcommand == "predict":
-            if not _has_class(config.trainer.get("callbacks"), ModelCheckpoint):
+            if not has_class(config.trainer.get("callbacks"), ModelCheckpoint):
                 # no checkpoint callback to restore from the ckpt (it would warn that its dirpath changed), and so
                 # no use for Lightning's reminder to pass the callbacks that wrote the checkpoint
                 config.trainer.enable_checkpointing = False
@@ -191,47 +189,6 @@ def _tokenizer_of(model: DLLMModule):
 # Run folders
 
 
-def _import(class_path: str) -> type | None:
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
-
-
-def _class_specs(value: Any) -> list[Namespace]:
-    """The ``class_path``/``init_args`` entries of a config value (one, a list, or none)."""
-    items = value if isinstance(value, (list, tuple)) else [value]
-    return [v for v in items if isinstance(v, Namespace) and isinstance(v.get("class_path"), str)]
-
-
-def _has_class(value: Any, base: type) -> bool:
-    return any(_is_subclass(spec.class_path, base) for spec in _class_specs(value))
-
-
-def _is_subclass(class_path: str, base: type) -> bool:
-    cls = _import(class_path)
-    return isinstance(cls, type) and issubclass(cls, base)
-
-
-def derive_run_paths(trainer: Namespace) -> None:
-    """Fill unset checkpoint and logger paths from ``trainer.default_root_dir``, so one flag moves a run.
-
-    ``ModelCheckpoint.dirpath`` -> ``<root>/checkpoints`` (Lightning would nest it in the
-    logger's version folder); a logger's ``save_dir`` -> ``<root>``. ``HFExport`` and
-    ``PredictionWriter`` derive theirs at run time.
-    """
-    root = Path(trainer.get("default_root_dir") or ".")
-    for spec in _class_specs(trainer.get("callbacks")):
-        init_args = spec.get("init_args")
-        if init_args is not None and _is_subclass(spec.class_path, ModelCheckpoint) and not init_args.get("dirpath"):
-            init_args.dirpath = str(root / "checkpoints")
-    for spec in _class_specs(trainer.get("logger")):
-        init_args = spec.get("init_args")
-        if init_args is not None and "save_dir" in init_args and not init_args.get("save_dir"):
-            init_args.save_dir = str(root)
-
-
 def _log_folders(trainer) -> list[Path]:
     """The local folders the trainer's loggers write to (on rank 0; the other ranks write none)."""
     if not trainer.is_global_zero:
@@ -251,134 +208,6 @@ def remove_if_unlogged(folder: Path) -> None:
     shutil.rmtree(folder)
     if not any(folder.parent.iterdir()):
         folder.parent.rmdir()
-
-
-# ----------------------------------------------------------------------------
-# Early checks: before a model loads (minutes for a large one)
-
-
-def check_checkpoint(path: str | os.PathLike | None, shown: str | None = None) -> None:
-    """``--ckpt_path`` exists and is a torch checkpoint (a zip with its directory intact), or raise ``UserError``.
-
-    A truncated or empty file lacks the zip's closing directory, so this costs a few reads,
-    not a load. A folder must be a sharded checkpoint (FSDP's ``meta.pt``, DeepSpeed's
-    ``latest`` or ``checkpoint/``). URLs and Lightning's ``last``/``best``/``hpc``/``registry``
-    names are left to Lightning (``check_resume`` resolves ``last`` for ``fit``).
-
-    Args:
-        path: the checkpoint.
-        shown: how the message names it (default ``--ckpt_path <path>``).
-    """
-    if path is None or str(path) in SPECIAL_CHECKPOINTS or "://" in str(path) or str(path).startswith("registry"):
-        return
-    shown = shown or f"--ckpt_path {path}"
-    file = Path(path)
-    if not file.exists():
-        raise UserError(f"{shown}: no such file")
-    if file.is_dir() and not is_sharded_checkpoint(file):
-        inside = sorted(file.glob("last*.ckpt")) or sorted(file.glob("*.ckpt"))
-        hint = f"; the checkpoint in it is {inside[-1]}" if len(inside) == 1 else ""
-        hint = f"; it holds {len(inside)} checkpoints, e.g. {inside[-1]}" if len(inside) > 1 else hint
-        raise UserError(f"{shown}: a folder, not a checkpoint file{hint}")
-    if file.is_file() and not zipfile.is_zipfile(file):
-        size = file.stat().st_size
-        raise UserError(f"{shown}: not a readable checkpoint ({size} bytes: truncated, or not a torch file)")
-
-
-def is_sharded_checkpoint(folder: Path) -> bool:
-    """A checkpoint saved as a folder: sharded FSDP (``meta.pt``) or DeepSpeed (``latest``, ``checkpoint/``)."""
-    return (folder / "meta.pt").is_file() or (folder / "latest").is_file() or (folder / "checkpoint").is_dir()
-
-
-def last_checkpoint(trainer: Namespace) -> Path | None:
-    """The file ``--ckpt_path last`` resumes: the newest ``last*.ckpt`` of the ``ModelCheckpoint`` folders.
-
-    The same choice as Lightning's, made from the config before any model loads (the folders
-    are filled in by ``derive_run_paths``). ``None`` when there is none: Lightning then warns
-    and trains from scratch.
-    """
-    found = []
-    for spec in _class_specs(trainer.get("callbacks")):
-        init_args = spec.get("init_args")
-        if init_args is None or not _is_subclass(spec.class_path, ModelCheckpoint) or not init_args.get("dirpath"):
-            continue
-        name = getattr(_import(spec.class_path), "CHECKPOINT_NAME_LAST", "last")
-        pattern = re.compile(rf"^{re.escape(name)}(-(\d+))?$")
-        folder = Path(init_args.dirpath)
-        if folder.is_dir():
-            found += [p for p in folder.iterdir() if p.suffix == ".ckpt" and pattern.match(p.stem)]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
-
-
-def check_resume(config: Namespace) -> None:
-    """``fit --ckpt_path``: the checkpoint is readable and has steps left to train, before any model loads.
-
-    Raises:
-        UserError: ``last`` resolves to a missing, truncated or unreadable file.
-        NothingToTrain: the checkpoint already reached ``trainer.max_steps``.
-    """
-    arg = config.get("ckpt_path")
-    if arg is None:
-        return
-    path, shown = Path(arg), f"--ckpt_path {arg}"
-    if str(arg) == "last":
-        path = last_checkpoint(config.trainer)
-        if path is None:
-            return
-        shown = f"--ckpt_path last ({path})"
-        check_checkpoint(path, shown)
-    elif str(arg) in SPECIAL_CHECKPOINTS or "://" in str(arg) or str(arg).startswith("registry"):
-        return
-    if not path.is_file():  # a sharded folder: its step is not read here
-        return
-    try:  # mmap: the tensors stay on disk, only the small pickled state is read
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
-        raise UserError(f"{shown}: not a readable checkpoint ({type(e).__name__})") from e
-    step, max_steps = checkpoint.get("global_step"), config.trainer.get("max_steps")
-    if isinstance(step, int) and isinstance(max_steps, int) and 0 <= max_steps <= step:
-        raise NothingToTrain(
-            f"{path} already reached trainer.max_steps={max_steps} (step {step}): nothing to train, nothing changed; "
-            f"to train further, raise it, e.g. --trainer.max_steps {max(2 * step, 1)} --ckpt_path {arg}"
-        )
-
-
-def _check_model_source(config: Namespace, subcommand: str) -> None:
-    """Predicting needs weights: a checkpoint or a pretrained model (a random ``model_config`` alone is a mistake)."""
-    model = config.model
-    if subcommand == "predict" and not config.get("ckpt_path") and not model.get("pretrained"):
-        raise UserError("predict needs --ckpt_path (a checkpoint of train.py) or --model.pretrained (an HF model)")
-
-
-def _check_generation(model: Namespace) -> None:
-    """Build the generation settings once, so their own checks fail now (jsonargparse builds them later)."""
-    generation = model.get("generation")
-    if isinstance(generation, Namespace) and "class_path" not in generation:
-        GenerationSettings(**generation.as_dict())
-
-
-def _check_data(data: Namespace, stage: str) -> None:
-    """The data arguments' own checks (files exist, sources do not conflict, records read), before the model loads."""
-    check_arguments(data, stage)
-    check_records(data, stage)
-
-
-def _check_early(config: Namespace, subcommand: str) -> None:
-    """Settings torch, Lightning or transformers would reject only after the model loaded, and predict's output.
-
-    ``predict --ckpt_path last`` (or ``best``, ``hpc``): Lightning resolves those names from a fit's
-    checkpoint callback, which predict has not; without a model source the run would fail later
-    asking for ``model.pretrained``, so the message names ``--ckpt_path`` and the file it likely meant.
-    """
-    check_settings(config, subcommand)
-    if subcommand != "predict":
-        return
-    ckpt = config.get("ckpt_path")
-    if str(ckpt) in SPECIAL_CHECKPOINTS and not config.model.get("pretrained") and not config.model.get("model_config"):
-        guess = Path(config.trainer.get("default_root_dir") or ".") / "checkpoints" / "last.ckpt"
-        hint = f", e.g. --ckpt_path {guess}" if guess.is_file() else ""
-        raise UserError(f"--ckpt_path {ckpt}: predict needs a checkpoint file ('{ckpt}' names one only for fit){hint}")
-    check_prediction_output(config)
 
 
 # ----------------------------------------------------------------------------

@@ -3,102 +3,30 @@
 ``training_step`` runs the iterative-refine objective (``dllm.training.objective``);
 ``validation_step`` logs a seeded loss and generates for the validation
 prompts; ``predict_step`` runs block generation (``dllm.generation.engine``) and
-returns one record per prompt (docs/method.md, section 9). The model is an ordinary HF
+returns one record per prompt (``dllm.prediction_records``; docs/method.md, section 9). The model is an ordinary HF
 causal LM, loaded from ``pretrained`` or built from ``model_config``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric, SumMetric
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dllm.data.tokenizer import BYTE_TOKENIZER, load_tokenizer
-from dllm.distributed import forwards_are_collective
 from dllm.errors import UserError
-from dllm.generation import iterative_generate
-from dllm.generation.draft_sources import parse_sources
+from dllm.generation.settings import GenerationSettings
 from dllm.models import readable_like_the_rest
-from dllm.tasks import TASKS, check_answer
+from dllm.prediction_records import generate_records, is_correct, stop_token_ids
 from dllm.training.drift import BaseReference, drift_stats
 from dllm.training.lora import LoraSettings, add_lora
 from dllm.training.objective import iterative_refine_loss
-
-
-@dataclass
-class GenerationSettings:
-    """How ``predict_step`` and validation generate (docs/method.md, sections 2-5).
-
-    Args:
-        mode: ``"refine"`` (block drafting, the original method) or ``"jacobi"`` (lossless: exactly greedy or
-            exactly sampled next-token decoding, in fewer forwards).
-        add_eos_length: N, EOS placeholders per block; a block yields N + 1 tokens. Jacobi: the longest draft.
-        refine_iter: forwards per block in refine mode (1 = draft only).
-        max_new_tokens: generated tokens per prompt.
-        max_length: prompt + generated tokens per prompt.
-        temperature: 0 for greedy, else sampling temperature.
-        top_k: sample from the k most likely tokens.
-        top_p: sample from the nucleus of this probability mass.
-        seed: sampling seed. A prompt's random numbers depend only on (seed, its id, the position), so its
-            sample is the same whatever the batch, the number of devices or a resumed run.
-        use_cache: reuse the KV cache of the committed prefix.
-        adaptive_draft: jacobi: choose each row's draft length (0 to N) from the measured acceptance and the
-            measured cost of a longer forward; false always drafts N.
-        draft_sources: jacobi: where drafts come from besides the model's own guesses: ``"all"`` (default),
-            ``"none"``, or a comma list of ``ngram`` (the continuation of the latest earlier occurrence of the
-            last committed tokens in the prompt and the answer: a few dict look-ups per row and forward) and
-            ``pool`` (n-grams recycled from earlier forwards' predictions and rejected drafts: one look-up, two
-            insertions). Per row and forward the candidate with the most expected confirmed tokens is
-            verified; the output never changes, only the forwards. Refine mode ignores it.
-        trace: print the refinement of each batch's first prompt: per block and round (jacobi: per forward)
-            the decoded tokens, which changed, and the top-3 candidates with their probabilities.
-    """
-
-    mode: Literal["refine", "jacobi"] = "refine"
-    add_eos_length: int = 15
-    refine_iter: int = 2
-    max_new_tokens: int = 1024
-    max_length: int = 8192
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int = 0
-    use_cache: bool = True
-    adaptive_draft: bool = True
-    draft_sources: str = "all"
-    trace: bool = False
-
-    def __post_init__(self) -> None:
-        # Checked here, when the config is read, so a bad value fails before any model loads.
-        checks = {
-            "mode": (self.mode in ("refine", "jacobi"), "'refine' or 'jacobi'"),
-            "add_eos_length": (self.add_eos_length >= 0, ">= 0"),
-            "refine_iter": (self.refine_iter >= 1, ">= 1"),
-            "max_new_tokens": (self.max_new_tokens >= 1, ">= 1"),
-            "max_length": (self.max_length >= 2, ">= 2 (a prompt token and a generated one)"),
-            "temperature": (self.temperature >= 0, ">= 0 (0 = greedy)"),
-            "top_k": (self.top_k is None or self.top_k >= 1, ">= 1 or null"),
-            "top_p": (self.top_p is None or 0 < self.top_p <= 1, "in (0, 1] or null"),
-        }
-        for name, (ok, expected) in checks.items():
-            if not ok:
-                raise UserError(f"model.generation.{name} must be {expected}, got {getattr(self, name)!r}")
-        try:
-            parse_sources(self.draft_sources)
-        except ValueError as error:
-            raise UserError(f"model.generation.{error}") from None
-
-    def recorded(self) -> dict:
-        """The settings a prediction record stores: all but ``trace``, which only prints."""
-        return {name: value for name, value in asdict(self).items() if name != "trace"}
 
 
 def check_objective(hp) -> None:
@@ -364,56 +292,18 @@ class DLLMModule(L.LightningModule):
     # --- generation ----------------------------------------------------------------
 
     def generate_records(self, batch: dict, **overrides) -> list[dict]:
-        """Generate for ``batch["prompt_ids"]`` and return one record per prompt.
-
-        A record is the input record's extra fields (``batch["extra"]``, from a prompts file), then
-        ``id``, ``prompt``, ``response`` (generated), ``reference`` (when the input has one),
-        ``new_tokens``, ``finish_reason``, ``forwards``, ``settings`` and ``response_ids`` (the
-        generated token ids of ``response``: the stop token is in neither).
-        """
-        settings = {**asdict(self.generation), **overrides}
-        seed, use_cache, trace = settings.pop("seed"), settings.pop("use_cache"), settings.pop("trace")
-        out = iterative_generate(
+        """Generate for ``batch["prompt_ids"]`` and return one record per prompt (``dllm.prediction_records``)."""
+        strategy = self._trainer.strategy if self._trainer else None
+        return generate_records(
             self.model,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            eos_token_id=self.stop_ids,
-            pad_token_id=self.tokenizer.pad_token_id,
-            generator=self._generator(seed),
-            sample_keys=[prompt_key(record_id) for record_id in batch["id"]],
-            use_cache=use_cache,
-            sync_ranks=forwards_are_collective(self._trainer.strategy if self._trainer else None),
-            trace=TracePrinter(self.tokenizer, batch["id"][0]) if trace else None,
-            return_dict=True,
-            **settings,
+            self.tokenizer,
+            self.generation,
+            self.stop_ids,
+            batch,
+            device=self.device,
+            strategy=strategy,
+            **overrides,
         )
-        width = batch["prompt_ids"].size(1)
-        # the input record's own fields come first and its reference (when it has one) after the response
-        extras = batch.get("extra") or [{}] * len(batch["id"])
-        references = batch.get("reference") or [None] * len(batch["id"])
-        records = []
-        for i, record_id in enumerate(batch["id"]):
-            n = int(out.new_tokens[i])
-            tokens = out.sequences[i, width : width + n].tolist()
-            if out.finish_reason[i] == "eos":
-                tokens = tokens[:-1]  # the stop token is not part of the response text
-            record = {
-                **extras[i],
-                "id": record_id,
-                "prompt": batch["prompt"][i],
-                "response": self.tokenizer.decode(tokens, skip_special_tokens=False),
-            }
-            if references[i] is not None:
-                record["reference"] = references[i]
-            record.update(
-                new_tokens=n,
-                finish_reason=out.finish_reason[i],
-                forwards=int(out.forwards[i]),
-                settings={**settings, "seed": seed, "use_cache": use_cache},
-                response_ids=tokens,
-            )
-            records.append(record)
-        return records
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         return self.generate_records(batch)
@@ -454,53 +344,3 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS first (it is the placeholder), then other end-of-turn ids the tokenizer knows."""
-    ids = [tokenizer.eos_token_id]
-    for token in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
-        token_id = tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
-        if token_id is not None and token_id not in ids:
-            ids.append(token_id)
-    return ids
-
-
-def is_correct(record: dict, batch: dict, i: int) -> bool:
-    """Exact match: the task's answer checker when there is one, else the whole response."""
-    if batch.get("task") and batch["task"][i] in TASKS and batch["answer"][i] is not None:
-        return check_answer(batch["task"][i], record["response"], batch["answer"][i])
-    return record["response"].strip() == batch["reference"][i].strip()
-
-
-def prompt_key(record_id: str) -> int:
-    """A stable 63-bit key of a prompt's id: it keys the prompt's sampling noise (Python's ``hash`` is salted)."""
-    return int.from_bytes(hashlib.blake2b(str(record_id).encode(), digest_size=8).digest(), "little") >> 1
-
-
-class TracePrinter:
-    """Prints ``iterative_generate``'s trace of one prompt, decoded with the tokenizer, one line per position.
-
-    ``refine block 2 round 1`` then, per block position, the token (``*`` when it changed since the
-    previous round) and the top-3 candidates with probabilities; jacobi forwards also show how many
-    draft tokens the forward confirmed.
-    """
-
-    def __init__(self, tokenizer, record_id: str):
-        self.tokenizer = tokenizer
-        self.record_id = record_id
-
-    def _token(self, token_id: int) -> str:
-        return repr(self.tokenizer.decode([token_id], skip_special_tokens=False))
-
-    def __call__(self, step) -> None:
-        head = f"[trace {self.record_id}] {step.mode} "
-        head += f"block {step.block} round {step.round}" if step.mode == "refine" else f"forward {step.block}"
-        if step.accepted is not None:
-            head += f": {step.accepted} of {len(step.draft)} draft tokens confirmed"
-        lines = [head]
-        columns = zip(step.tokens, step.changed, step.top_ids, step.top_probs)
-        for pos, (token, changed, ids, probs) in enumerate(columns):
-            candidates = " | ".join(f"{self._token(i)} {p:.2f}" for i, p in zip(ids, probs))
-            lines.append(f"  {pos:>3} {'*' if changed else ' '} {self._token(token):<12} top-3: {candidates}")
-        rank_zero_info("\n".join(lines))

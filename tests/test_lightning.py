@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from dllm.callbacks import HFExport
 from dllm.cli import DLLMCLI
 from dllm.data import DLLMDataModule
-from dllm.module import DLLMModule, GenerationSettings
+from dllm.generation import GenerationSettings
+from dllm.module import DLLMModule
 from dllm.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]

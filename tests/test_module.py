@@ -8,7 +8,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dllm.data import DLLMDataModule
 from dllm.errors import UserError
-from dllm.module import DLLMModule, GenerationSettings
+from dllm.generation import GenerationSettings
+from dllm.module import DLLMModule
 
 
 class NoiseRecorder(L.Callback):

@@ -22,7 +22,8 @@ from dllm.data import DLLMDataModule
 from dllm.data.prompts import make_prompts
 from dllm.models import main as models_main
 from dllm.models import missing_requirements
-from dllm.module import DLLMModule, stop_token_ids
+from dllm.module import DLLMModule
+from dllm.prediction_records import stop_token_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 # the engine may adapt jacobi's draft length; these tests pin it to N

@@ -20,7 +20,8 @@ import lightning as L
 import torch
 
 from dllm.data import DLLMDataModule
-from dllm.module import DLLMModule, GenerationSettings
+from dllm.generation import GenerationSettings
+from dllm.module import DLLMModule
 from qualitybench.settings import FINETUNES, OBJECTIVES, Setup
 
 

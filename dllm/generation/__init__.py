@@ -4,5 +4,6 @@ batch and KV-cache bookkeeping, the exact sampler and rank sync. Pure PyTorch, n
 
 from dllm.generation.contract import GenerateOutput, TraceStep
 from dllm.generation.engine import filter_logits, iterative_generate
+from dllm.generation.settings import GenerationSettings
 
-__all__ = ["GenerateOutput", "TraceStep", "filter_logits", "iterative_generate"]
+__all__ = ["GenerateOutput", "GenerationSettings", "TraceStep", "filter_logits", "iterative_generate"]

@@ -20,8 +20,9 @@ import torch
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser
 
-from dllm.cli import DLLMCLI, SUBCOMMANDS, _user_error, is_sharded_checkpoint, one_line
+from dllm.cli import DLLMCLI, SUBCOMMANDS, _user_error, one_line
 from dllm.errors import UserError
+from dllm.preflight import is_sharded_checkpoint
 
 
 @dataclass

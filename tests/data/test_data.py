@@ -22,7 +22,8 @@ from dllm.data.examples import encode_example
 from dllm.data.records import check_arguments
 from dllm.data.tokenizer import load_tokenizer, render_chat, response_text
 from dllm.errors import UserError
-from dllm.module import DLLMModule, GenerationSettings
+from dllm.generation import GenerationSettings
+from dllm.module import DLLMModule
 from dllm.tasks import generate_examples
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -251,7 +251,7 @@ def test_drafting_memory_keeps_a_curve_per_source(models):
 
 def test_generation_settings_check_the_sources():
     from dllm.errors import UserError
-    from dllm.module import GenerationSettings
+    from dllm.generation import GenerationSettings
 
     assert GenerationSettings().draft_sources == "all"
     assert GenerationSettings(draft_sources="ngram").draft_sources == "ngram"
