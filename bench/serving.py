@@ -23,8 +23,8 @@ failed requests, failed ``/health`` polls, and the share of answers identical to
 the HF server's (greedy jacobi is exactly greedy decoding). Outputs in
 ``--out-dir``: ``serving.json``, ``serving.md``, ``serving.png``.
 
-    python bench/serving.py --model tiny --ckpt /work/artifacts/quality/sft-recipe/model.ckpt
-    python bench/serving.py --model /work/artifacts/smollm2-135m --rates 0.5,1,2 --requests 16
+    python bench/serving.py --model tiny --ckpt bench/results/quality/sft-recipe/model.ckpt
+    python bench/serving.py --model models/smollm2-135m --rates 0.5,1,2 --requests 16
     python bench/serving.py --quick --out-dir /tmp/serving   # smoke run: seconds per cell
 """
 
@@ -280,7 +280,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="/work/artifacts/smollm2-135m", help="HF folder or name")
+    parser.add_argument("--model", default="models/smollm2-135m", help="HF folder or name")
     parser.add_argument("--ckpt", default=None, help="a Lightning checkpoint instead (exported to HF first)")
     parser.add_argument("--prompts", default=None, help="a JSONL file with 'prompt' (default: four chat prompts)")
     parser.add_argument("--rates", default="1,2,4", help="arrival rates, requests per second")
