@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dllm.training.lm_head import at_least_fp32
+from dllm.training.lm_head import at_least_fp32, position_ids_from_mask, response_targets
 
 
 def adapter_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -135,9 +135,8 @@ def drift_stats(
     those positions have the base model's argmax. Token-weighted, as ``bench/real.py`` computes it.
     """
     response = response_mask.bool() & attention_mask.bool()
-    where = torch.zeros_like(response)
-    where[:, :-1] = response[:, 1:] & attention_mask[:, :-1].bool()  # padding predicts nothing
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    where = response_targets(input_ids, response, attention_mask)[0]  # the positions the objective scores
+    position_ids = position_ids_from_mask(attention_mask)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     tuned = model(**inputs).logits[where]
     base = reference(input_ids, attention_mask, position_ids)[where]

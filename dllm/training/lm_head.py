@@ -13,6 +13,9 @@ copy each rule, :func:`head_logits` runs the model's own ``forward`` with its
 decoder stood in by the given hidden states: whatever the forward does after
 the decoder, the chunked logits get too.
 
+Also which positions are scored (:func:`response_targets`) and their position ids, shared by the
+objective and the drift meter (:mod:`dllm.training.drift`), which the objective imports.
+
 Pure PyTorch: no Lightning here.
 """
 
@@ -133,3 +136,26 @@ def soft_loss(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tenso
     """
     teacher = F.log_softmax(teacher_logits.detach(), -1)
     return F.kl_div(F.log_softmax(logits, -1), teacher, log_target=True, reduction="sum")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """``cumsum - 1`` of the attention mask: padding does not shift positions."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_targets(
+    input_ids: torch.Tensor, response_mask: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the loss counts and what it predicts.
+
+    Returns ``(where, targets)``: ``where[b, p]`` is True when the logits at
+    position ``p`` predict a response token (``response_mask[b, p + 1] == 1``)
+    and ``p`` is a token of the row (``attention_mask[b, p] == 1``: a left-padded
+    row with no prompt has only padding before its first token, which predicts nothing);
+    ``targets`` are those clean tokens, in row-major order.
+    """
+    where = response_mask[:, 1:].bool()
+    if attention_mask is not None:
+        where = where & attention_mask[:, :-1].bool()
+    where = torch.cat([where, where.new_zeros(where.size(0), 1)], dim=1)
+    return where, input_ids[:, 1:][where[:, :-1]]

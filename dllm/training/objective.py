@@ -22,7 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from dllm.training.drift import BaseReference, kl_to_base
-from dllm.training.lm_head import at_least_fp32, chunked_loss_and_argmax, decoder_hidden_states
+from dllm.training.lm_head import (
+    at_least_fp32,
+    chunked_loss_and_argmax,
+    decoder_hidden_states,
+    position_ids_from_mask,
+    response_targets,
+)
 from dllm.training.packed import Consistency, pack_blocks, packed_refine_loss
 
 NoiseSchedule = Literal["iid", "block", "prefix", "packed"]
@@ -45,11 +51,6 @@ class RefineLossOutput:
     noise_ratio: torch.Tensor
     ar_loss: torch.Tensor | None = None
     drift: torch.Tensor | None = None
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """``cumsum - 1`` of the attention mask: padding does not shift positions."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def eos_noise_mask(
@@ -89,24 +90,6 @@ def eos_noise_mask(
         return response & (index >= cut) & (torch.rand(rows, width, generator=generator, device=device) < t)
     cut = (t * length).floor().long().clamp(max=(length - 1).clamp(min=0))
     return response & (index >= cut) & (index < cut + block_size)
-
-
-def response_targets(
-    input_ids: torch.Tensor, response_mask: torch.Tensor, attention_mask: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the loss counts and what it predicts.
-
-    Returns ``(where, targets)``: ``where[b, p]`` is True when the logits at
-    position ``p`` predict a response token (``response_mask[b, p + 1] == 1``)
-    and ``p`` is a token of the row (``attention_mask[b, p] == 1``: a left-padded
-    row with no prompt has only padding before its first token, which predicts nothing);
-    ``targets`` are those clean tokens, in row-major order.
-    """
-    where = response_mask[:, 1:].bool()
-    if attention_mask is not None:
-        where = where & attention_mask[:, :-1].bool()
-    where = torch.cat([where, where.new_zeros(where.size(0), 1)], dim=1)
-    return where, input_ids[:, 1:][where[:, :-1]]
 
 
 def windowed_targets(response: torch.Tensor, noise: torch.Tensor, window: int) -> torch.Tensor:
