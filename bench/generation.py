@@ -1,6 +1,6 @@
 """Speed of block generation against Hugging Face ``generate``, greedy and sampled, tiny and real models.
 
-Five sections, each timed in the same process (the ratios compare runs of one
+Six sections, each timed in the same process (the ratios compare runs of one
 process on one machine):
 
 1. ``methods``: a tiny randomly initialised ``Qwen2ForCausalLM`` (seeded; hidden
@@ -30,6 +30,11 @@ process on one machine):
    model exists offline), adaptive jacobi N=15 with the default draft sources
    and with each source alone (``none`` = the model's own guesses). Every
    output must equal HF greedy's. ``--plot`` draws its ratios.
+6. ``chat``: the same real model on all eight chat prompts of ``real`` at
+   each batch size (``real`` runs only the first ``b`` at batch ``b``), in
+   consecutive batches: HF, and adaptive jacobi N=15 with the default draft
+   sources and with ``none``: what a user who changes nothing gets on text
+   that copies little from its prompt (the default must not fall below HF).
 
 On the tiny models the stop id is the last vocabulary id and its ``lm_head``
 row is the mean of the others: its logit is never the largest, so greedy
@@ -58,7 +63,7 @@ from pathlib import Path
 import torch
 from genbench.grounded import GROUNDED_PROMPTS, GROUNDED_SOURCES, grounded_configs, plot_grounded
 from genbench.harness import DTYPES, environment, method_table, rows_of, run_section
-from genbench.real import DEFAULT_REAL, find_real_model, real_configs, real_workload
+from genbench.real import DEFAULT_REAL, REAL_PROMPTS, chat_configs, find_real_model, real_configs, real_workload
 from genbench.spread import spread
 from genbench.tiny import (
     cache_configs,
@@ -110,8 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--sections",
         nargs="+",
-        default=["methods", "cache", "sampling", "real", "grounded"],
-        help="what to run (default: all five)",
+        default=["methods", "cache", "sampling", "real", "grounded", "chat"],
+        help="what to run (default: all six)",
     )
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the best counts (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -158,7 +163,7 @@ def apply_quick(args: argparse.Namespace) -> None:
         args.cache_lengths, args.repeats = [32, 64], 1
         args.threads = args.threads or 1  # a tiny model gains nothing from threads on a shared CPU
         if args.real_model is None:
-            args.sections = [s for s in args.sections if s not in ("real", "grounded")]
+            args.sections = [s for s in args.sections if s not in ("real", "chat", "grounded")]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -216,12 +221,23 @@ def main(argv: list[str] | None = None) -> dict:
             report["real"] = rows_of(run_section(real, configs, args, "real"))
             print(f"\n## Real model: {real.name}, up to {args.real_new_tokens} new tokens, its own stop token\n")
             print(method_table(report["real"], real=True))
+    if "chat" in args.sections:
+        path = find_real_model(args.real_model)
+        if path is None or not path.exists():
+            print(f"\n## Chat: skipped: no model at {path or DEFAULT_REAL} (--real-model PATH)")
+        else:
+            real = real_workload(path, args, args.batch_sizes, every=REAL_PROMPTS)
+            report["environment"]["real_model"] = real.name
+            configs = chat_configs(args.batch_sizes, args.real_new_tokens)
+            report["chat"] = rows_of(run_section(real, configs, args, "chat"))
+            print(f"\n## Chat: {real.name}, {len(REAL_PROMPTS)} prompts, up to {args.real_new_tokens} new tokens\n")
+            print(method_table(report["chat"], real=True))
     if "grounded" in args.sections:
         path = find_real_model(args.real_model)
         if path is None or not path.exists():
             print(f"\n## Input-grounded: skipped: no model at {path or DEFAULT_REAL} (--real-model PATH)")
         else:
-            real = real_workload(path, args, args.batch_sizes, grounded=True)
+            real = real_workload(path, args, args.batch_sizes, every=GROUNDED_PROMPTS)
             report["environment"]["real_model"] = real.name
             configs = grounded_configs(args.batch_sizes, args.real_new_tokens)
             report["grounded"] = rows_of(run_section(real, configs, args, "grounded"))

@@ -91,3 +91,36 @@ def test_bench_generation_spread_over_fresh_processes(tmp_path: Path) -> None:
         values = sorted(r["forwards"] for run in runs for r in run["methods"] if r["label"] == row["label"])
         assert [low, high] == [values[0], values[-1]]
     assert rows["hf"]["ratio_to_hf"] == [1.0, 1.0, 1.0]
+
+
+def test_chat_section_runs_every_prompt_on_a_saved_model(tmp_path: Path) -> None:
+    """``--sections chat`` on a tiny Llama saved with the byte tokenizer: all eight prompts at batch 1 and 8, HF
+    and adaptive jacobi N=15 with the default sources and with ``none``, every output equal to HF greedy's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dllm.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "chat.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/generation.py", "--sections", "chat", "--batch-sizes", "1", "8", "--threads", "1",
+         "--real-new-tokens", "12", "--real-model", str(tmp_path / "model"), "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "## Chat:" in proc.stdout and "8 prompts" in proc.stdout
+    rows = json.loads(out.read_text())["chat"]
+    labels = {(r["batch"], r["label"]) for r in rows}
+    for batch in (1, 8):
+        assert {(batch, "hf"), (batch, "jacobi N=15 adaptive sources=all")} <= labels
+        assert (batch, "jacobi N=15 adaptive sources=none") in labels
+    hf_forwards = {r["batch"]: r["forwards"] for r in rows if r["label"] == "hf"}
+    assert hf_forwards[1] > 12  # batch 1 ran every prompt, not only the first
+    assert all(r["matches_hf"] for r in rows if r["method"] == "jacobi"), rows

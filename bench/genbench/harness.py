@@ -320,7 +320,7 @@ def run_section(work: Workload, configs: list[Config], args: argparse.Namespace,
     """Measure the configurations in order (HF greedy first per batch: the reference for ``matches_hf``)."""
     results, reference = [], {}
     for cfg in tqdm(configs, desc=desc, unit="cfg"):
-        checked = cfg.section in ("real", "grounded")
+        checked = cfg.section in ("real", "chat", "grounded")
         ref = reference.get(cfg.batch) if checked and cfg.label != "hf" else None
         res = measure(work, cfg, args.repeats, args.device, ref)
         if checked and cfg.label == "hf":

@@ -2,7 +2,7 @@
 
 Its configurations (HF, adaptive jacobi, fixed jacobi N=3 and 7, refine N=7 R=2), where the model is found
 (:func:`find_real_model`) and how it is loaded with left-padded chat prompts (:func:`real_workload`, also
-used by the input-grounded section with :data:`genbench.grounded.GROUNDED_PROMPTS`).
+used by the input-grounded and chat sections, which run every prompt of their list at each batch size).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from genbench.grounded import GROUNDED_PROMPTS
 from genbench.harness import DTYPES, Config, Workload
 
 DEFAULT_REAL = Path("models/smollm2-135m")
@@ -40,6 +39,16 @@ def real_configs(batch_sizes: list[int], new_tokens: int) -> list[Config]:
     return configs
 
 
+def chat_configs(batch_sizes: list[int], new_tokens: int) -> list[Config]:
+    """All eight chat prompts at each batch size: HF, and jacobi as a user runs it (adaptive, N=15, the default
+    sources) and with the model's own drafts only. Issue 22's floor: the default never below 0.95x HF here."""
+    configs = []
+    for batch in batch_sizes:
+        configs.append(Config("chat", "hf", batch, new_tokens))
+        configs += [Config("chat", "jacobi", batch, new_tokens, 15, adaptive=True, sources=s) for s in ("all", "none")]
+    return configs
+
+
 def find_real_model(path: Path | None) -> Path | None:
     """The real model to benchmark: ``path``, else ``models/smollm2-135m`` if present, else ``None``."""
     if path is not None:
@@ -47,15 +56,18 @@ def find_real_model(path: Path | None) -> Path | None:
     return DEFAULT_REAL if (DEFAULT_REAL / "config.json").exists() else None
 
 
-def real_workload(path: Path, args: argparse.Namespace, batch_sizes: list[int], grounded: bool = False) -> Workload:
+def real_workload(
+    path: Path, args: argparse.Namespace, batch_sizes: list[int], every: list[str] | None = None
+) -> Workload:
     """Load a real model (HF folder or ``.gguf``) and chat prompts, left-padded.
 
     Args:
         path: the folder or GGUF file.
         args: the parsed options (device, dtype).
         batch_sizes: batch sizes to make prompts for (the first ``b`` of :data:`REAL_PROMPTS`).
-        grounded: the input-grounded prompts instead (:data:`GROUNDED_PROMPTS`, all of them at every batch
-            size, in consecutive batches of up to ``b``).
+        every: prompts to run all of at every batch size, in consecutive batches of up to ``b`` (the
+            input-grounded section's :data:`GROUNDED_PROMPTS`, the chat section's :data:`REAL_PROMPTS`);
+            ``None``: one batch of the first ``b`` of :data:`REAL_PROMPTS`.
 
     Returns:
         The workload; the stop id is the model's EOS.
@@ -77,8 +89,8 @@ def real_workload(path: Path, args: argparse.Namespace, batch_sizes: list[int], 
 
     prompts, groups = {}, {}
     for batch in batch_sizes:
-        if grounded:
-            groups[batch] = [encode(GROUNDED_PROMPTS[i : i + batch]) for i in range(0, len(GROUNDED_PROMPTS), batch)]
+        if every is not None:
+            groups[batch] = [encode(every[i : i + batch]) for i in range(0, len(every), batch)]
             prompts[batch] = groups[batch][0]
         else:
             prompts[batch] = encode((REAL_PROMPTS * 8)[:batch])
@@ -86,4 +98,4 @@ def real_workload(path: Path, args: argparse.Namespace, batch_sizes: list[int], 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
     params = sum(p.numel() for p in model.parameters()) / 1e6
     name = f"{path} ({type(model).__name__}, {params:.1f}M parameters, vocabulary {model.config.vocab_size})"
-    return Workload(model, stop, pad, prompts, name, groups if grounded else None)
+    return Workload(model, stop, pad, prompts, name, groups if every is not None else None)

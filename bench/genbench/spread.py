@@ -32,7 +32,7 @@ def spread(argv: list[str], args: argparse.Namespace, script: Path) -> dict:
         subprocess.run([sys.executable, str(script), *rest, "--out", str(out)], check=True)
         runs.append(json.loads(out.read_text()))
     rows = []
-    for section in ("methods", "sampling", "real", "grounded"):
+    for section in ("methods", "sampling", "real", "chat", "grounded"):
         keys = [(r["batch"], r["label"]) for r in runs[0].get(section, [])]
         for batch, label in keys:
             found = [r for run in runs for r in run.get(section, []) if (r["batch"], r["label"]) == (batch, label)]
