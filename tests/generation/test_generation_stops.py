@@ -124,6 +124,26 @@ def test_a_stop_string_completed_inside_a_commit_drops_the_rest_of_it(models, to
     assert got.finish_reason == ["eos"] and int(got.new_tokens[0]) == cut
 
 
+def test_the_prompts_tail_counts_as_in_hf(models, tokenizer):
+    """HF's criterion reads the whole sequence: a stop string spanning the prompt's end and the first token
+    stops the row there, though the response text alone does not hold it."""
+    model = models["llama"]
+    for seed in range(20):
+        ids, mask = prompts([6], seed=seed)
+        first = free_run(model, ids, mask, 3, 1)[0]
+        stop = tokenizer.decode(ids[0, -1:])[-1] + tokenizer.decode(first)[0]
+        if stop not in tokenizer.decode(free_run(model, ids, mask, 3, 30)[0]):
+            break
+    else:
+        pytest.fail("every prompt's answer holds its own prompt-spanning string")
+    expected, reasons = hf_rows(model, ids, mask, tokenizer, [stop], 30)
+    out = iterative_generate(
+        model, ids, mask, eos_token_id=EOS, mode="jacobi", add_eos_length=3, max_new_tokens=30, stop_strings=stop,
+        tokenizer=tokenizer, return_dict=True,
+    )  # fmt: skip
+    assert generated_rows(out, ids.size(1)) == expected == [first] and out.finish_reason == reasons == ["eos"]
+
+
 def test_refine_stops_at_the_first_stop_string_of_its_own_text(models, tokenizer):
     """Refine is not greedy text, but a stop string ends its rows the same way: its text without stop strings,
     cut at the first token that completes one (HF's criterion on every prefix)."""
