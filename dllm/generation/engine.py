@@ -160,8 +160,8 @@ def iterative_generate(
     pad = eos_ids[0] if pad_token_id is None else pad_token_id
     rows, width = input_ids.shape
     prompt_lengths = attention_mask.sum(-1).tolist()
-    texts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
-    stops = StopChecks.build(stop_strings, tokenizer, stop_criterion, texts)
+    texts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)] if stop_strings else []
+    stops = StopChecks.build(stop_strings, tokenizer, stop_criterion, texts)  # HF's criterion reads the prompts
     budgets = [min(max_new_tokens, max_length - p) for p in prompt_lengths]
     sampler = Sampler(temperature, top_k, top_p, draw_seed(generator) if temperature > 0 else 0)
     keys = [0] * rows

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, StopStringCriteria
 
 from dllm import iterative_generate
+from dllm.generation import engine
 from dllm.generation.stepper import Stepper
 
 PIECES = ["a", "b", "c", "d", "e", "f", "o", "p", "s", "t", "Ġ", "Ċ", "st", "op", "sto", "pp", "ed", "top", "opera",
@@ -142,6 +143,23 @@ def test_the_prompts_tail_counts_as_in_hf(models, tokenizer):
         tokenizer=tokenizer, return_dict=True,
     )  # fmt: skip
     assert generated_rows(out, ids.size(1)) == expected == [first] and out.finish_reason == reasons == ["eos"]
+
+
+def test_row_by_row_batches_stop_each_row_on_its_own_prompt(models, tokenizer, monkeypatch):
+    """Where a batch runs one row at a time (attention without 4-D masks), each row's stop strings still read
+    its own prompt: the rows are those of the whole batch."""
+    model = models["llama"]
+    ids, mask = prompts([5, 9, 3, 7], seed=1)
+    stops = [first_new(tokenizer.decode(max(free_run(model, ids, mask, 3, 40), key=len)), 6, 2)]
+    settings = dict(eos_token_id=EOS, mode="jacobi", add_eos_length=3, max_new_tokens=40, return_dict=True)
+    batched = iterative_generate(model, ids, mask, stop_strings=stops, tokenizer=tokenizer, **settings)
+    monkeypatch.setattr(engine, "attention_layout", lambda model: ("one-row-uncached", None, False))
+    with pytest.warns(UserWarning, match="one row at a time"):
+        by_row = iterative_generate(model, ids, mask, stop_strings=stops, tokenizer=tokenizer, **settings)
+    expected, reasons = hf_rows(model, ids, mask, tokenizer, stops, 40)
+    assert generated_rows(by_row, ids.size(1)) == generated_rows(batched, ids.size(1)) == expected
+    assert by_row.finish_reason == batched.finish_reason == reasons
+    assert any(len(tokens) < 40 and tokens[-1] != EOS for tokens in expected)  # a stop string cut a row
 
 
 def test_refine_stops_at_the_first_stop_string_of_its_own_text(models, tokenizer):
