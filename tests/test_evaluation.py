@@ -146,16 +146,16 @@ def first_at(text: str, start: int, length: int) -> str:
 
 @pytest.mark.parametrize("mode", ["jacobi", "refine"])
 def test_stop_strings_cut_where_hf_cuts(lms, mode):
-    """Stop strings inside a 4-token block (characters 5-6), across two blocks (6-9) and across the
-    engine's first two rounds (30-33) cut the text before them, as lm-eval's hf does; only the tokens
-    up to the stop count as generated, and generation stops early."""
+    """Stop strings inside a 4-token block (characters 5-6), across two blocks (6-9) and late (30-33) cut
+    the text before them, as lm-eval's hf does; the engine stops the row there (in one generation, no
+    re-run prefixes), and only the tokens up to the stop count as generated and in tokens per forward."""
     lm = lms[mode]
     full = generate(lm, CONTEXTS, [], max_gen_toks=80)
     row = max(range(len(full)), key=lambda i: len(full[i]))
     text = full[row]
     assert len(text) == 80, text
     generate(lm, [CONTEXTS[row]], [], max_gen_toks=80)
-    uncut_forwards = METER.tasks["stops"].forwards
+    uncut = METER.tasks["stops"]
     for start, length in [(5, 2), (6, 4), (30, 4)]:
         stop = first_at(text, start, length)
         cut = text[: text.find(stop)]
@@ -167,13 +167,28 @@ def test_stop_strings_cut_where_hf_cuts(lms, mode):
         generate(lm, [CONTEXTS[row]], [stop], max_gen_toks=80)
         counts = METER.tasks["stops"]
         assert counts.generated_tokens == text.find(stop) + length  # hf stops once the stop string is out
-        if start + length <= 32:  # the engine stops too, at the end of its first round (32 tokens)
-            assert counts.forwards < uncut_forwards
+        assert counts.forwards < uncut.forwards and counts.row_forwards < uncut.row_forwards
+        # one generation: the forwards are those of the uncut run up to the stop (none re-runs a prefix)
+        assert counts.forwards == forwards_to(lm, CONTEXTS[row], counts.generated_tokens, 80)
 
 
-def test_sampling_is_seeded_per_prompt_across_batches_and_rounds(tiny):
+def forwards_to(lm, context: str, tokens: int, max_new: int) -> int:
+    """The forwards an uninterrupted engine run of the prompt alone takes to commit ``tokens`` tokens."""
+    from dllm.generation import iterative_generate
+
+    ids = torch.tensor([lm.tok_encode(context)])
+    steps = []  # the tokens committed after each forward, read by a criterion that never stops
+    settings = {key: lm.generation[key] for key in ("mode", "add_eos_length", "refine_iter", "adaptive_draft")}
+    iterative_generate(
+        lm.model, ids, eos_token_id=lm.stop_ids, max_new_tokens=max_new,
+        stop_criterion=lambda committed, start: steps.append(len(committed)), **settings,
+    )  # fmt: skip
+    return next(i for i, committed in enumerate(steps, 1) if committed >= tokens)
+
+
+def test_sampling_is_seeded_per_prompt_across_batches(tiny):
     """temperature from --model_args samples; a prompt's sample depends on the seed, not on its batch,
-    also after a stop string made the engine go on in a second round (past 32 tokens)."""
+    also with a stop string and past 32 tokens (where the adapter's second round of re-runs once began)."""
     args = {"dtype": "float64", "device": "cpu", "batch_size": 3, "mode": "jacobi", "add_eos_length": 3}
     samples = {}
     for seed in range(1, 6):  # samples stop at EOS often: find seeds whose sample outlives the first round
@@ -256,9 +271,9 @@ def cut(lm, tokens: list[int], until: list[str]) -> str:
 
 @pytest.mark.parametrize("mode", ["jacobi", "refine"])
 def test_a_sample_is_the_engines_whatever_the_block_size_and_stop_strings(tiny, mode):
-    """The adapter's stop-string rounds (32 tokens, rounded to whole blocks, then twice as many) once moved
+    """The adapter's old stop-string rounds (32 tokens, rounded to whole blocks, then twice as many) once moved
     each row's sampling key on: a sample depended on add_eos_length and on whether a stop string existed.
-    Now it is the engine's own sample for that prompt and seed, cut where the stop strings cut."""
+    It is the engine's own sample for that prompt and seed, cut where the stop strings cut."""
     args = {"dtype": "float64", "device": "cpu", "batch_size": 3, "mode": mode, "refine_iter": 2, "temperature": 0.7}
     lm = DLLM(pretrained=str(tiny["hf"]), add_eos_length=3, **args)
     for seed in range(1, 12):  # samples stop at EOS often: find a seed whose sample outlives the first round
@@ -267,8 +282,8 @@ def test_a_sample_is_the_engines_whatever_the_block_size_and_stop_strings(tiny, 
             break
     longest = max(range(len(CONTEXTS)), key=lambda i: len(tokens[i]))
     text = lm.tok_decode(tokens[longest])
-    stop = first_at(text, len(lm.tok_decode(tokens[longest][:40])), 3)  # met in the second round (past 35 tokens)
-    for n in (0, 3, 4, 6):  # first rounds of 32, 32, 35 and 35 tokens
+    stop = first_at(text, len(lm.tok_decode(tokens[longest][:40])), 3)  # met late (past 35 tokens)
+    for n in (0, 3, 4, 6):
         lm = DLLM(pretrained=str(tiny["hf"]), seed=seed, add_eos_length=n, **args)
         reference = [engine_sample(lm, context, seed, mode, n, 60) for context in CONTEXTS]
         if mode == "jacobi":  # lossless: the same sample at every block size

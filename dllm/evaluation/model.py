@@ -3,8 +3,10 @@
 Everything but free-form generation is lm-eval's ``HFLM``: loading, tokenizing, truncation, chat templates
 and the log-likelihood requests (the model is an ordinary HF causal LM). ``generate_until`` batches the
 requests as ``hf`` does (per task, grouped by generation kwargs, longest first) and runs
-``iterative_generate`` with the settings from ``--model_args``; stop strings and ``max_gen_toks`` give
-the text ``hf`` gives (``dllm.evaluation.stops``), so greedy jacobi scores exactly as ``hf``.
+``iterative_generate`` once per batch with the settings from ``--model_args``; the engine ends each row
+where ``hf`` would (its stop strings are checked inside the engine after every forward,
+``dllm.evaluation.stops``) and ``max_gen_toks`` budgets it as ``hf`` does, so greedy jacobi scores exactly
+as ``hf``.
 
 ``--model_args`` keys: the generation settings of ``DLLM`` below, ``pretrained=`` (an HF folder or name)
 or ``ckpt_path=`` (a Lightning checkpoint of ``train.py``), and the keys of lm-eval's ``hf`` model
@@ -26,15 +28,13 @@ from tqdm import tqdm
 
 from dllm.errors import UserError
 from dllm.evaluation.meter import METER, hf_stop_ids, per_task
-from dllm.evaluation.stops import stop_point
+from dllm.evaluation.stops import LmEvalStops
 from dllm.generation import iterative_generate
 from dllm.generation.sampling import prompt_keys
 
 # The generation settings a request's kwargs may carry (a task's ``generation_kwargs``, ``--gen_kwargs``);
 # anything else (``repetition_penalty``, ``num_beams``, ...) the engine cannot honour, and says so.
 REQUEST_SAMPLING = ("do_sample", "temperature", "top_k", "top_p")
-# With stop strings, the first round's tokens (then twice as many each round), see DLLM._generate_rows
-FIRST_ROUND = 32
 # lm-eval's ``hf`` arguments, and one that it passes on to ``from_pretrained``
 HF_ARGS = {name for name in inspect.signature(HFLM.__init__).parameters if name not in ("self", "kwargs")} | {
     "attn_implementation"
@@ -152,69 +152,27 @@ class DLLM(HFLM):
         max_new = kwargs.pop("max_length", ids.shape[1] + max_gen_toks) - ids.shape[1]  # hf: counts the padding
         sampling = self._sampling(kwargs)
         keys = prompt_keys(ids, mask) if sampling["temperature"] > 0 else None
-        prompts = [row[keep.bool()].tolist() for row, keep in zip(ids, mask)]
-        if "" in until:  # hf's stop criterion finds "" in any text: it stops after the first token
-            max_new = min(max_new, 1)
-        # Only stop strings other than EOS need early looks; the engine stops at EOS itself.
-        rounds = any(stop != eos_text for stop in until)
-        generated = self._generate_rows(prompts, keys, max_new, until, sampling, rounds)
-        METER.current.generated_tokens += sum(len(tokens) for tokens in generated)
-        return [self._text(tokens, until) for tokens in generated]
-
-    def _generate_rows(self, prompts, keys, max_new, until, sampling, rounds: bool) -> list[list[int]]:
-        """Each prompt's tokens, up to where ``hf`` would have stopped.
-
-        With stop strings, in rounds of growing length (``FIRST_ROUND`` tokens, then twice as many, ...,
-        each a whole number of blocks so refine's blocks stay where they would be): a row whose text
-        met a stop string leaves, the others go on from their prompt and what they wrote (one prefill
-        per round, the same tokens: decoding is a function of the prefix). Without, one round.
-
-        Sampled rows keep their prompt's key and go on at the generated position they reached
-        (``sample_offsets``), so every round draws the numbers one uninterrupted ``iterative_generate``
-        call would: the tokens depend neither on the rounds (``add_eos_length``, stop strings) nor on
-        the batch.
-        """
-        settings, counts = self.generation, METER.current
-        block = settings["add_eos_length"] + 1
-        length = -(-FIRST_ROUND // block) * block if rounds else max_new
-        generated: list[list[int]] = [[] for _ in prompts]
-        active = list(range(len(prompts)))
-        while active:
-            budget = min(length, max_new - len(generated[active[0]]))  # active rows wrote the same number
-            ids, mask = self._left_padded([prompts[r] + generated[r] for r in active])
-            out = iterative_generate(
-                self.model, ids, mask,
-                eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
-                add_eos_length=settings["add_eos_length"], refine_iter=settings["refine_iter"], mode=settings["mode"],
-                max_new_tokens=budget, max_length=int(mask.sum(-1).max()) + budget,
-                generator=torch.Generator(device=self.device).manual_seed(settings["seed"]),
-                # a row's random numbers: its prompt's key, at the positions after what it already wrote
-                sample_keys=[keys[r] for r in active] if keys else None,
-                sample_offsets=[len(generated[r]) for r in active],
-                use_cache=settings["use_cache"], adaptive_draft=settings["adaptive_draft"], return_dict=True,
-                **sampling,
-            )  # fmt: skip
-            counts.forwards += out.num_forwards
-            going = []
-            for i, row in enumerate(active):
-                counts.row_forwards += int(out.forwards[i])
-                generated[row] += out.sequences[i, ids.shape[1] : ids.shape[1] + int(out.new_tokens[i])].tolist()
-                end = stop_point(generated[row], until, self.stop_ids, self.tokenizer)
-                if end is not None:
-                    generated[row] = generated[row][:end]
-                elif len(generated[row]) < max_new:
-                    going.append(row)
-            active, length = going, 2 * length
-        return generated
-
-    def _left_padded(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row) :] = 1
-        return ids.to(self.device), mask.to(self.device)
+        settings = self.generation
+        out = iterative_generate(
+            self.model, ids, mask,
+            eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+            add_eos_length=settings["add_eos_length"], refine_iter=settings["refine_iter"], mode=settings["mode"],
+            max_new_tokens=max_new, max_length=int(mask.sum(-1).max()) + max_new,
+            generator=torch.Generator(device=self.device).manual_seed(settings["seed"]), sample_keys=keys,
+            use_cache=settings["use_cache"], adaptive_draft=settings["adaptive_draft"], return_dict=True,
+            # where hf stops, checked after every forward at each new token (EOS ids are the engine's own stops;
+            # EOS's text stays a stop string, as for hf: tokens may spell it out)
+            stop_criterion=LmEvalStops(until, self.tokenizer),
+            **sampling,
+        )  # fmt: skip
+        counts = METER.current
+        counts.forwards += out.num_forwards
+        counts.row_forwards += int(out.forwards.sum())
+        counts.generated_tokens += int(out.new_tokens.sum())  # up to where each row stopped
+        width = ids.shape[1]
+        return [
+            self._text(row[width : width + int(n)].tolist(), until) for row, n in zip(out.sequences, out.new_tokens)
+        ]
 
     def _sampling(self, kwargs: dict) -> dict:
         """temperature / top_k / top_p: the request's, unless ``--model_args`` set them."""

@@ -22,9 +22,12 @@ class GenerateOutput:
         sequences: ``[B, W + T]``: the prompt as given, then the generated
             tokens, right-padded with ``pad_token_id``.
         new_tokens: ``[B]`` number of generated tokens per row (stop token
-            included).
-        finish_reason: per row, ``"eos"`` (a stop id was generated) or
-            ``"length"`` (``max_new_tokens`` or ``max_length`` reached).
+            included; with stop strings, up to the token that completed one).
+        finish_reason: per row, ``"eos"`` (a stop id was generated, or a stop
+            string of ``stop_strings`` / ``stop_criterion`` ended the row: the
+            SPEC allows only these two values, and both mean "stopped on its own
+            text, not by the budget") or ``"length"`` (``max_new_tokens`` or
+            ``max_length`` reached).
         num_forwards: model calls made for the batch (without ``sync_forwards``).
         forwards: ``[B]`` model calls each row took part in.
         tokens_per_forward: generated tokens per forward, per sequence:

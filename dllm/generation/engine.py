@@ -17,11 +17,12 @@ Two modes share one engine (the contract is in ``docs/method.md``):
 
 The rows share one column axis with masked holes where they committed different
 numbers of tokens (``dllm.generation.batch``, which also keeps sliding windows exact);
-finished rows leave the batch. Sampling draws one keyed uniform per (seed, row
-key, position) (``dllm.generation.sampling``), so decoding is a deterministic function of
-the prefix: refine rounds converge as under greedy, jacobi accepts exactly what
-plain sampling would have drawn, and a prompt's sample does not depend on its
-batch.
+finished rows leave the batch; a row also finishes at the token that completes one of
+its ``stop_strings``, where HF's ``generate`` would stop (``dllm.generation.stop_strings``).
+Sampling draws one keyed uniform per (seed, row key, position)
+(``dllm.generation.sampling``), so decoding is a deterministic function of the prefix:
+refine rounds converge as under greedy, jacobi accepts exactly what plain sampling
+would have drawn, and a prompt's sample does not depend on its batch.
 
 Run a quick check on CPU::
 
@@ -45,6 +46,7 @@ from dllm.generation.drafting import DraftPolicy, memory_of
 from dllm.generation.jacobi import jacobi_loop
 from dllm.generation.rank_sync import RankSync
 from dllm.generation.sampling import Sampler, draw_seed, filter_logits, prompt_keys, top_candidates
+from dllm.generation.stop_strings import StopChecks, StopCriterion
 
 Mode = Literal["refine", "jacobi"]
 __all__ = ["GenerateOutput", "TraceStep", "filter_logits", "iterative_generate"]
@@ -79,6 +81,9 @@ def iterative_generate(
     sync_ranks: bool = False,
     trace: Callable[[TraceStep], None] | None = None,
     return_dict: bool = False,
+    stop_strings: str | Sequence[str] | None = None,
+    tokenizer=None,
+    stop_criterion: StopCriterion | None = None,
 ) -> torch.Tensor | GenerateOutput:
     """Generate a block of tokens per forward pass (refine), or exactly greedy/sampled text in fewer forwards (jacobi).
 
@@ -121,6 +126,16 @@ def iterative_generate(
         trace: called after every forward with a :class:`TraceStep` for the first
             row (while it is generating).
         return_dict: return a :class:`GenerateOutput` instead of the tensor.
+        stop_strings: a string or strings that end a row where HF's
+            ``generate(stop_strings=..., tokenizer=...)`` ends it: at the token that
+            completes one (the prompt's tail counts, the token may run past the
+            string's end). The rest of that step's commit is dropped, so the tokens
+            are HF's; ``finish_reason`` is ``"eos"`` (``dllm.generation.stop_strings``).
+        tokenizer: the model's tokenizer; required with ``stop_strings``.
+        stop_criterion: a callable ``(tokens, start) -> int | None`` given a row's
+            generated tokens after each step (``start`` of them came before it):
+            how many to keep when one of the new ones ends the row, else ``None``.
+            For stop rules other than HF's (lm-eval's ``hf`` model, ``dllm.evaluation``).
 
     Returns:
         ``sequences`` ``[B, W + T]``, or a :class:`GenerateOutput`.
@@ -145,6 +160,8 @@ def iterative_generate(
     pad = eos_ids[0] if pad_token_id is None else pad_token_id
     rows, width = input_ids.shape
     prompt_lengths = attention_mask.sum(-1).tolist()
+    texts = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)] if stop_strings else []
+    stops = StopChecks.build(stop_strings, tokenizer, stop_criterion, texts)  # HF's criterion reads the prompts
     budgets = [min(max_new_tokens, max_length - p) for p in prompt_lengths]
     sampler = Sampler(temperature, top_k, top_p, draw_seed(generator) if temperature > 0 else 0)
     keys = [0] * rows
@@ -161,12 +178,15 @@ def iterative_generate(
         adaptive=adaptive_draft,
         sources=sources,
         sync=sync,
+        stops=stops,
     )
 
     layout = attention_layout(model)
     kind = layout[0]
     if kind in ("plain", "window"):
-        run = _decode(model, input_ids, attention_mask, budgets, keys, offsets, use_cache, layout, trace, **settings)
+        run = _decode(
+            model, input_ids, attention_mask, budgets, keys, offsets, use_cache, layout, trace, range(rows), **settings
+        )
         generated, reasons, forwards, num_forwards = run.generated, run.finish_reason, run.forwards, run.num_forwards
     else:  # one row at a time: no padding, no holes, the model's own masks
         if rows > 1:
@@ -178,7 +198,7 @@ def iterative_generate(
             row_trace = trace if row == 0 else None
             run = _decode(
                 model, ids, torch.ones_like(ids), budgets[row : row + 1], keys[row : row + 1],
-                offsets[row : row + 1], cached, layout, row_trace, **settings,
+                offsets[row : row + 1], cached, layout, row_trace, [row], **settings,
             )  # fmt: skip
             generated += run.generated
             reasons += run.finish_reason
@@ -207,10 +227,13 @@ def iterative_generate(
     )
 
 
-def _decode(model, input_ids, attention_mask, budgets, keys, offsets, use_cache, layout, trace, **settings) -> _Run:
-    """Run one batch in one mode; returns the finished :class:`_Run`."""
+def _decode(
+    model, input_ids, attention_mask, budgets, keys, offsets, use_cache, layout, trace, ids, **settings
+) -> _Run:
+    """Run one batch in one mode (``ids``: its rows' indices in the call); returns the finished :class:`_Run`."""
     batch = Batch(model, input_ids, attention_mask, use_cache, layout)
     run = _Run(batch, settings["eos_ids"], budgets, settings["sampler"], keys, offsets, trace, settings["sync"])
+    run.stops, run.ids = settings["stops"], list(ids)
     if settings["mode"] == "refine":
         _refine_loop(run, settings["n"], settings["r"])
     else:
@@ -236,6 +259,8 @@ class _Run:
         self.forwards = [0] * rows
         self.num_forwards = 0
         self._eos = torch.tensor(eos_ids, device=batch.ids.device)
+        self.stops: StopChecks | None = None  # stop strings / the caller's criterion
+        self.ids = list(range(rows))  # each row's index in the iterative_generate call
 
     def remaining(self) -> list[int]:
         """Tokens each active row may still generate."""
@@ -257,21 +282,30 @@ class _Run:
         return self.sampler.pick(logits, keys, starts), logits
 
     def accept(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Append ``tokens[i, :counts[i]]`` to each active row, cut at the first stop id.
+        """Append ``tokens[i, :counts[i]]`` to each active row, cut at the first stop id or stop string.
 
         Returns a bool ``[b]``: which rows are still going.
         """
         is_stop = torch.isin(tokens, self._eos).tolist()
         values = tokens.tolist()
-        going = []
+        going, before = [], []
         for i, row in enumerate(self.batch.rows):
             count = counts[i]
             stop = next((j for j in range(count) if is_stop[i][j]), None)
             if stop is not None:
                 count = stop + 1
                 self.finish_reason[row] = "eos"
+            before.append(len(self.generated[row]))
             self.generated[row].extend(values[i][:count])
             going.append(stop is None and len(self.generated[row]) < self.budgets[row])
+        if self.stops is not None:
+            rows = self.batch.rows
+            ends = self.stops.ends([self.ids[r] for r in rows], [self.generated[r] for r in rows], before)
+            for i, (row, end) in enumerate(zip(rows, ends)):
+                if end is not None:  # a stop string ends the row: like a stop id, without one
+                    del self.generated[row][end:]
+                    self.finish_reason[row] = "eos"
+                    going[i] = False
         return torch.tensor(going, device=tokens.device)
 
     def emit(self, logits: torch.Tensor, length: int, **fields) -> None:

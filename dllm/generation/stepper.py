@@ -44,6 +44,7 @@ from dllm.generation.draft_sources import DraftSources, parse_sources
 from dllm.generation.drafting import DraftPolicy, memory_of
 from dllm.generation.sampling import Sampler, draw_seed, prompt_keys
 from dllm.generation.stepper_steps import Event, Row, jacobi_step, refine_block
+from dllm.generation.stop_strings import StopChecks, StopCriterion
 
 __all__ = ["Event", "Stepper"]
 
@@ -64,6 +65,7 @@ class Stepper:
         draft_sources: jacobi: ``"all"``, ``"none"`` or a comma list of ``ngram`` / ``pool``.
         static: admit only when no row runs (static batching: a batch runs to its end; the baseline
             that continuous batching is measured against).
+        tokenizer: the model's tokenizer; needed for requests with ``stop_strings``.
     """
 
     def __init__(
@@ -80,6 +82,7 @@ class Stepper:
         adaptive_draft: bool = True,
         draft_sources: str = "all",
         static: bool = False,
+        tokenizer=None,
     ):
         if mode not in ("jacobi", "refine"):
             raise ValueError(f"mode must be 'refine' or 'jacobi', got {mode!r}")
@@ -88,7 +91,7 @@ class Stepper:
         self.layout = attention_layout(model)
         # models whose batches run one row at a time in iterative_generate get one row here too
         self.max_rows = max_rows if self.layout[0] in ("plain", "window") else 1
-        self.static = static
+        self.static, self.tokenizer = static, tokenizer
         self.device = next(model.parameters()).device
         self.placeholder = self.eos_ids[0]
         self._eos = torch.tensor(self.eos_ids, device=self.device)
@@ -116,20 +119,25 @@ class Stepper:
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        stop_strings: str | list[str] | None = None,
+        stop_criterion: StopCriterion | None = None,
     ) -> None:
         """Queue a request; it joins the running rows at the next :meth:`step` with a free slot.
 
         ``seed`` gives the same tokens as ``iterative_generate(generator=torch.Generator().manual_seed(seed))``
-        for this prompt alone; ``None`` draws a fresh seed.
+        for this prompt alone; ``None`` draws a fresh seed. ``stop_strings`` / ``stop_criterion`` end the row
+        as they end it in ``iterative_generate`` (``dllm.generation.stop_strings``): its last event's tokens
+        end at the token that completed a stop string, with ``finish_reason`` ``"eos"``.
         """
         if not prompt_ids or len(prompt_ids) >= self.max_length:
             raise ValueError(f"the prompt must hold 1 to {self.max_length - 1} tokens, got {len(prompt_ids)}")
+        stops = StopChecks.build(stop_strings, self.tokenizer, stop_criterion, [list(prompt_ids)])
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         sampler = Sampler(temperature, top_k, top_p, draw_seed(generator) if temperature > 0 else 0)
         ids = torch.tensor([prompt_ids])
         key = prompt_keys(ids, torch.ones_like(ids))[0] if temperature > 0 else 0
         budget = min(max_new_tokens, self.max_length - len(prompt_ids))
-        self.waiting.append(Row(request_id, list(prompt_ids), budget, sampler, key))
+        self.waiting.append(Row(request_id, list(prompt_ids), budget, sampler, key, stops=stops))
 
     def cancel(self, request_id) -> None:
         """Retire a request at the next step (waiting or running); its last event says ``"cancelled"``."""

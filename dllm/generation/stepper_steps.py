@@ -18,6 +18,7 @@ from dllm.generation.batch import Batch
 from dllm.generation.drafting import MODEL, PROBE
 from dllm.generation.jacobi import _next_drafts, _observe, _with_candidates
 from dllm.generation.sampling import Sampler
+from dllm.generation.stop_strings import StopChecks
 
 
 @dataclass
@@ -26,8 +27,8 @@ class Event:
 
     Attributes:
         id: the request's id (as given to :meth:`Stepper.admit`).
-        tokens: the tokens committed by this step (a stop id included).
-        finish_reason: ``None`` while it runs; then ``"eos"`` (a stop id), ``"length"`` (its budget) or
+        tokens: the tokens committed by this step (a stop id included; none past a stop string).
+        finish_reason: ``None`` while it runs; then ``"eos"`` (a stop id or stop string), ``"length"`` (its budget) or
             ``"cancelled"`` (by :meth:`Stepper.cancel`).
         forwards: model calls the request has taken part in so far.
     """
@@ -51,6 +52,7 @@ class Row:
     forwards: int = 0
     finish_reason: str | None = None
     cancelled: bool = False
+    stops: StopChecks | None = None  # its stop strings / criterion (one row: its prompt is row 0)
 
 
 def forward_and_pick(stepper, batch: Batch, draft: torch.Tensor) -> torch.Tensor:
@@ -66,7 +68,8 @@ def forward_and_pick(stepper, batch: Batch, draft: torch.Tensor) -> torch.Tensor
 
 
 def accept(stepper, batch: Batch, tokens: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, list[Event]]:
-    """Append ``tokens[i, :counts[i]]`` to each row, cut at its first stop id: which rows go on, and the events."""
+    """Append ``tokens[i, :counts[i]]`` to each row, cut at its first stop id or stop string: which rows go on,
+    and the events."""
     is_stop = torch.isin(tokens, stepper._eos).tolist()
     values = tokens.tolist()
     going, events = [], []
@@ -75,9 +78,13 @@ def accept(stepper, batch: Batch, tokens: torch.Tensor, counts: list[int]) -> tu
         stop = next((j for j in range(count) if is_stop[i][j]), None)
         if stop is not None:
             count, row.finish_reason = stop + 1, "eos"
-        new = values[i][:count]
+        new, start = values[i][:count], len(row.generated)
         row.generated.extend(new)
-        if stop is None and len(row.generated) >= row.budget:
+        end = row.stops.ends([0], [row.generated], [start])[0] if row.stops is not None else None
+        if end is not None:  # a stop string: like a stop id, without one
+            del row.generated[end:]
+            new, row.finish_reason = new[: end - start], "eos"
+        if row.finish_reason is None and len(row.generated) >= row.budget:
             row.finish_reason = "length"
         going.append(row.finish_reason is None)
         events.append(Event(row.id, new, row.finish_reason, row.forwards))
