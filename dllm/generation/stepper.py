@@ -15,7 +15,22 @@ sources); each :meth:`Stepper.step`:
    ``DraftPolicy`` and ``DraftSources``); refine one block (up to
    ``refine_iter`` forwards);
 4. joins the new rows to the running batch (``dllm.generation.batch_merge``) and retires
-   the finished ones.
+   the finished ones;
+5. compacts the running batch (``batch_merge.compact``: each row's real columns
+   moved right, so the batch is as wide as its longest row) when that drops
+   more than ``compact_share`` of its cached columns: a batch that never ends
+   otherwise widens at the pace of its best row each forward (jacobi holes in
+   the others) and pays for every column in every forward's attention.
+
+Newcomers are prefilled in a forward of their own, not inside the running
+batch's forward: one forward is a rectangle, so a newcomer's prompt would make
+every running row pay for as many query columns. On the trained tiny model of
+``bench/quality.py`` on a CPU (``bench/stepper_load.py``, 16 clients back to
+back) a step's forward costs ~2-4 ms, a newcomers' prefill ~1.5-2 ms, and a
+forward of 16 rows x 29 columns ~4.5 ms, so the fused forward would cost more
+than the two; gathering newcomers for a few steps to share one prefill saved
+forwards (130 against 150 at 4 steps) but no CPU time, and delays their first
+token.
 
 Every row's tokens are exactly what ``iterative_generate`` gives for it alone:
 jacobi commits only what plain decoding would (greedy, or the draw keyed on
@@ -64,10 +79,9 @@ class Stepper:
         draft_sources: jacobi: ``"all"``, ``"none"`` or a comma list of ``ngram`` / ``pool``.
         static: admit only when no row runs (static batching: a batch runs to its end; the baseline
             that continuous batching is measured against).
-        compact_share: compact the running batch (``dllm.generation.batch_merge.compact``: drop the columns
-            that are a hole or padding for every row but the longest) when they are more than this share of its
-            cached columns; 1 or more: never. Compacting moves the whole cache (~1 ms for 16 rows of the tiny
-            model), so it waits until the forwards it saves are worth it.
+        compact_share: compact the running batch (``dllm.generation.batch_merge.compact``) when that drops more
+            than this share of its cached columns; 1 or more: never. Compacting moves the whole cache (~1 ms for
+            16 rows of the tiny model on a CPU), so it waits until the forwards it saves are worth it.
     """
 
     def __init__(
