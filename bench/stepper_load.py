@@ -23,6 +23,7 @@ next arrival). Every answer is checked against the first method's.
     python bench/stepper_load.py --ckpt bench/results/quality/sft-recipe/model.ckpt \
         --prompts bench/results/quality/test.jsonl --clients 16 --requests 96 --repeat 3 --fixed-draft
     python bench/stepper_load.py --model /tmp/hf --prompts test.jsonl --rate 40 --methods continuous --compact 0.1
+    python bench/stepper_load.py --model /tmp/hf --forward-costs   # what fusing a prefill into a step would cost
 """
 
 from __future__ import annotations
@@ -229,6 +230,39 @@ def report(name: str, result: dict, profile: Profile) -> str:
     return "\n".join(lines)
 
 
+def forward_costs(model, reps: int = 60) -> None:
+    """CPU time of forwards shaped like a step, a newcomers' prefill, and one forward fusing both (the newcomers'
+    prompt as the query columns of every row: a forward is a rectangle): what fusing the prefill would cost."""
+    gen = torch.Generator().manual_seed(0)
+
+    def cost(rows, cached, query):
+        width = cached + 1
+        ids = torch.randint(3, model.config.vocab_size, (rows, width), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[:, : width // 3] = 0  # padding and holes: a 4-D mask, as in a merged batch
+        batch = Batch(model, ids, mask, use_cache=True)
+        times = []
+        with torch.inference_mode():
+            batch.forward(ids.new_zeros(rows, 0))
+            batch.rollback(width - 1)
+            batch.cached = width - 1 if cached else 0
+            for _ in range(reps):
+                draft = torch.randint(3, model.config.vocab_size, (rows, query - 1), generator=gen)
+                start = time.process_time()
+                batch.forward(draft)
+                times.append(time.process_time() - start)
+                batch.rollback(width - 1)
+        return 1000 * sorted(times)[reps // 4]
+
+    for label, rows, cached, query in [
+        ("step: 15 rows x 4 columns, 150 cached", 15, 150, 4),
+        ("step: 13 rows x 16 columns, 150 cached", 13, 150, 16),
+        ("prefill: 2 rows x 28 columns, none cached", 2, 0, 28),
+        ("fused: 17 rows x 32 columns, 150 cached", 17, 150, 32),
+    ]:
+        print(f"{label}: {cost(rows, cached, query):.2f} ms (25th percentile of {reps}, process CPU)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="models/smollm2-135m", help="HF folder")
@@ -247,6 +281,7 @@ def main() -> None:
     parser.add_argument("--methods", default="continuous,static", help="comma list of continuous / static")
     parser.add_argument("--repeat", type=int, default=1, help="runs of each method, interleaved")
     parser.add_argument("--json", default=None, help="also write the counters here")
+    parser.add_argument("--forward-costs", action="store_true", help="only time forwards of a step's shapes")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from dllm.module import DLLMModule
@@ -255,6 +290,8 @@ def main() -> None:
     texts = load_prompts(args, folder)
     module = DLLMModule(pretrained=folder)
     model, tokenizer = module.model.eval(), module.tokenizer
+    if args.forward_costs:
+        return forward_costs(model)
     prompts = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
     reference, out = None, []
     for run in range(args.repeat):

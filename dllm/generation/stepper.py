@@ -25,12 +25,12 @@ sources); each :meth:`Stepper.step`:
 Newcomers are prefilled in a forward of their own, not inside the running
 batch's forward: one forward is a rectangle, so a newcomer's prompt would make
 every running row pay for as many query columns. On the trained tiny model of
-``bench/quality.py`` on a CPU (``bench/stepper_load.py``, 16 clients back to
-back) a step's forward costs ~2-4 ms, a newcomers' prefill ~1.5-2 ms, and a
-forward of 16 rows x 29 columns ~4.5 ms, so the fused forward would cost more
-than the two; gathering newcomers for a few steps to share one prefill saved
-forwards (130 against 150 at 4 steps) but no CPU time, and delays their first
-token.
+``bench/quality.py`` on a CPU (``bench/stepper_load.py --forward-costs``) a
+step's forward of 15 rows x 4 columns costs ~2.3 ms, a prefill of 2 newcomers
+x 28 columns ~1.5 ms, one forward of 17 rows x 32 columns ~7 ms; and gathering
+newcomers for a few steps to share one prefill saved forwards (130 against 150
+at every 4 steps, 16 clients back to back) but no CPU time, and delays their
+first token.
 
 Every row's tokens are exactly what ``iterative_generate`` gives for it alone:
 jacobi commits only what plain decoding would (greedy, or the draw keyed on
