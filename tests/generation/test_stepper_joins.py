@@ -9,6 +9,7 @@ from generation_helpers import prompts
 from test_generation_windows import windowed_model
 from test_stepper import alone
 
+from dllm.generation import stepper as stepper_module
 from dllm.generation.batch import Batch
 from dllm.generation.batch_merge import compact, holes
 from dllm.generation.stepper import Stepper
@@ -52,21 +53,27 @@ def check_alone(model, requests, settings, got, **kw):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral-window"])
-@pytest.mark.parametrize("adaptive", [True, False])
-def test_a_row_joining_at_every_step_with_compaction_equals_alone(models, arch, adaptive):
+@pytest.mark.parametrize("mode,adaptive", [("jacobi", True), ("jacobi", False), ("refine", False)])
+def test_a_row_joining_at_every_step_with_compaction_equals_alone(models, monkeypatch, arch, mode, adaptive):
     model = windowed_model("mistral") if arch == "mistral-window" else models[arch]
     requests, settings = joining_requests()
-    stepper = Stepper(
-        model, [EOS], add_eos_length=6, max_length=80, max_rows=10, adaptive_draft=adaptive,
-        compact_share=0.0,
-    )  # fmt: skip
+    kw = dict(mode=mode, add_eos_length=6, refine_iter=2, adaptive_draft=adaptive)
+    stepper = Stepper(model, [EOS], max_length=80, max_rows=10, compact_share=0.0, **kw)
+    compactions = []
 
     def compacted(s):  # every step leaves a batch as wide as its longest row's cached columns
         assert s.batch is None or holes(s.batch) == 0
 
+    def counting(batch):
+        compactions.append(holes(batch))
+        compact(batch)
+
+    monkeypatch.setattr(stepper_module, "compact", counting)
     got, first = run_joining(stepper, requests, arrivals=list(range(len(requests))), after_step=compacted)
     assert first == {i: i for i in range(len(requests))}  # each joined at the step it came
-    check_alone(model, requests, settings, got, mode="jacobi", add_eos_length=6, adaptive_draft=adaptive)
+    if mode == "jacobi":  # jacobi holes really were compacted away (refine blocks leave none; trim does the rest)
+        assert sum(d > 0 for d in compactions) >= 3
+    check_alone(model, requests, settings, got, **kw)
 
 
 def test_compact_moves_columns_without_changing_the_logits(models):
@@ -98,3 +105,8 @@ def test_compact_moves_columns_without_changing_the_logits(models):
         real_a, real_b = a._mask[row, : a.width].bool(), b._mask[row, : b.width].bool()
         assert a._ids[row, : a.width][real_a].tolist() == b._ids[row, : b.width][real_b].tolist()
         assert a._pos[row, : a.width][real_a].tolist() == b._pos[row, : b.width][real_b].tolist()
+
+
+def test_a_negative_compact_share_is_refused(models):
+    with pytest.raises(ValueError, match="compact_share"):
+        Stepper(models["llama"], [EOS], compact_share=-0.5)
