@@ -15,7 +15,22 @@ sources); each :meth:`Stepper.step`:
    ``DraftPolicy`` and ``DraftSources``); refine one block (up to
    ``refine_iter`` forwards);
 4. joins the new rows to the running batch (``dllm.generation.batch_merge``) and retires
-   the finished ones.
+   the finished ones;
+5. compacts the running batch (``batch_merge.compact``: each row's real columns
+   moved right, so the batch is as wide as its longest row) when that drops
+   more than ``compact_share`` of its cached columns: a batch that never ends
+   otherwise widens at the pace of its best row each forward (jacobi holes in
+   the others) and pays for every column in every forward's attention.
+
+Newcomers are prefilled in a forward of their own, not inside the running
+batch's forward: one forward is a rectangle, so a newcomer's prompt would make
+every running row pay for as many query columns. On the trained tiny model of
+``bench/quality.py`` on a CPU (``bench/stepper_load.py --forward-costs``) a
+step's forward of 15 rows x 4 columns costs ~2.3 ms, a prefill of 2 newcomers
+x 28 columns ~1.5 ms, one forward of 17 rows x 32 columns ~7 ms; and gathering
+newcomers for a few steps to share one prefill saved forwards (130 against 150
+at every 4 steps, 16 clients back to back) but no CPU time, and delays their
+first token.
 
 Every row's tokens are exactly what ``iterative_generate`` gives for it alone:
 jacobi commits only what plain decoding would (greedy, or the draw keyed on
@@ -39,7 +54,7 @@ import torch
 
 from dllm.attention import attention_layout
 from dllm.generation.batch import Batch
-from dllm.generation.batch_merge import merge, trim
+from dllm.generation.batch_merge import compact, holes, merge, trim
 from dllm.generation.draft_sources import DraftSources, parse_sources
 from dllm.generation.drafting import DraftPolicy, memory_of
 from dllm.generation.sampling import Sampler, draw_seed, prompt_keys
@@ -66,6 +81,9 @@ class Stepper:
         static: admit only when no row runs (static batching: a batch runs to its end; the baseline
             that continuous batching is measured against).
         tokenizer: the model's tokenizer; needed for requests with ``stop_strings``.
+        compact_share: compact the running batch (``dllm.generation.batch_merge.compact``) when that drops more
+            than this share of its cached columns; 1 or more: never. Compacting moves the whole cache (~1 ms for
+            16 rows of the tiny model on a CPU), so it waits until the forwards it saves are worth it.
     """
 
     def __init__(
@@ -83,6 +101,7 @@ class Stepper:
         draft_sources: str = "all",
         static: bool = False,
         tokenizer=None,
+        compact_share: float = 0.1,
     ):
         if mode not in ("jacobi", "refine"):
             raise ValueError(f"mode must be 'refine' or 'jacobi', got {mode!r}")
@@ -92,6 +111,9 @@ class Stepper:
         # models whose batches run one row at a time in iterative_generate get one row here too
         self.max_rows = max_rows if self.layout[0] in ("plain", "window") else 1
         self.static, self.tokenizer = static, tokenizer
+        if compact_share < 0:
+            raise ValueError(f"compact_share must be >= 0, got {compact_share}")
+        self.compact_share = compact_share
         self.device = next(model.parameters()).device
         self.placeholder = self.eos_ids[0]
         self._eos = torch.tensor(self.eos_ids, device=self.device)
@@ -168,6 +190,8 @@ class Stepper:
             events += self._advance(new, prefill=True)
             if new.rows:
                 self._join(new)
+        if self.batch is not None and holes(self.batch) > self.compact_share * self.batch.cached:
+            compact(self.batch)
         self.steps += 1
         return events
 
