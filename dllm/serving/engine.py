@@ -226,10 +226,10 @@ class Engine:
             return
         if job.finished:  # cancelled or stopped: its row leaves at the next step
             return
-        job.completion_tokens += len(event.tokens)
         job.forwards = event.forwards
         last = event.finish_reason is not None
         delta = job.stream.push(event.tokens, last=last)
+        job.completion_tokens += job.stream.used  # up to the token that completed a stop string
         if job.stream.stopped:
             stepper.cancel(job.id)
         if delta and job.params.stream:

@@ -105,11 +105,30 @@ class TextStream:
         self.stop_ids = set(stop_ids)
         self.text = ""  # everything sent so far
         self.stopped = False  # a stop string appeared
+        self.used = 0  # tokens of the last push that the response used: up to the one that completed a stop string
 
     def push(self, tokens: Sequence[int], last: bool = False) -> str:
-        """The delta for one forward's committed ``tokens`` (``last``: the response ends with them)."""
+        """The delta for one forward's committed ``tokens`` (``last``: the response ends with them).
+
+        A forward commits several tokens; with stop strings they are read one at a time, so
+        :attr:`used` says which of them completed a stop string: the tokens after it were committed
+        but never answered, and ``usage.completion_tokens`` does not count them.
+        """
         if self.stopped:
+            self.used = 0
             return ""
+        self.used = len(tokens)
+        if not self.stop_strings.stops or len(tokens) < 2:
+            return self._push(tokens, last)
+        deltas = []
+        for i, token in enumerate(tokens):
+            deltas.append(self._push([token], last and i == len(tokens) - 1))
+            if self.stopped:
+                self.used = i + 1
+                break
+        return "".join(deltas)
+
+    def _push(self, tokens: Sequence[int], last: bool) -> str:
         tokens = [t for t in tokens if t not in self.stop_ids]
         text = self.detokenizer.push(tokens)
         if last:

@@ -82,6 +82,8 @@ def reference(module: DLLMModule, prompt, chat: bool, max_tokens: int = MAX_NEW,
     body = tokens[:-1] if reason == "stop" else tokens
     full = module.tokenizer.decode(body, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     hits = [full.find(s) for s in stop if s in full]
-    if hits:
-        return full[: min(hits)], "stop", None  # cut where the stop string starts; tokens: up to that forward
+    if hits:  # cut where the stop string starts; tokens: up to the one that completed it
+        decoded = (module.tokenizer.decode(body[: i + 1], skip_special_tokens=False) for i in range(len(body)))
+        used = next(i + 1 for i, text in enumerate(decoded) if any(s in text for s in stop))
+        return full[: min(hits)], "stop", used
     return full, reason, len(tokens)

@@ -78,6 +78,22 @@ def test_async_completions_streamed_and_not_equal_alone(served):
     assert whole.choices[0].finish_reason == reason
 
 
+def test_usage_counts_tokens_up_to_the_one_that_completed_a_stop_string(served, client):
+    """A forward commits several tokens; the ones after a stop string's last token are not in the usage."""
+    url, module = served
+    prompt = "tell me a story"  # refine commits a whole block per step: the stop string ends inside one
+    full, _, _ = reference(module, prompt, chat=False, max_tokens=40, mode="refine")
+    assert len(full) >= 12, full
+    stop = [full[8:10]]  # two characters the answer writes: the stop string spans tokens
+    text, reason, used = reference(module, prompt, chat=False, max_tokens=40, stop=stop, mode="refine")
+    assert reason == "stop" and used < 40
+    whole = client.completions.create(
+        model=model_name(served), prompt=prompt, max_tokens=40, stop=stop, extra_body={"dllm": {"mode": "refine"}}
+    )
+    assert (whole.choices[0].text, whole.choices[0].finish_reason) == (text, "stop")
+    assert whole.usage.completion_tokens == used
+
+
 def request_kinds():
     """16 requests: greedy, seeded sampling, stop strings, refine blocks, short and long budgets."""
     kinds = []

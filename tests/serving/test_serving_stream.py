@@ -63,3 +63,15 @@ def test_text_stream_drops_the_stop_id_and_flushes_held_text(tokenizer):
     assert stream.push(ids[2:]) == ""  # "z" may start "zz"
     assert stream.push([tokenizer.eos_token_id], last=True) == "z"
     assert stream.text == "abz" and not stream.stopped
+
+
+def test_text_stream_counts_the_tokens_up_to_the_one_that_completed_a_stop_string(tokenizer):
+    """One forward commits several tokens; those after the stop string's last token are not the response's."""
+    stream = TextStream(tokenizer, [tokenizer.eos_token_id], stops=["cd"])
+    ids = tokenizer("abcdef", add_special_tokens=False).input_ids
+    assert stream.push(ids[:2]) == "ab" and stream.used == 2
+    assert stream.push(ids[2:]) == "" and stream.stopped  # "c", "d" completes "cd"; "e", "f" were committed too
+    assert stream.used == 2
+    assert stream.push(ids[:1]) == "" and stream.used == 0  # nothing after the stop
+    plain = TextStream(tokenizer, [tokenizer.eos_token_id])
+    assert plain.push(ids) == "abcdef" and plain.used == len(ids)
