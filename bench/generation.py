@@ -118,6 +118,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["methods", "cache", "sampling", "real", "grounded", "chat"],
         help="what to run (default: all six)",
     )
+    p.add_argument(
+        "--grounded-sources",
+        nargs="+",
+        default=GROUNDED_SOURCES,
+        help=f"draft_sources of the grounded section's jacobi runs (default: {' '.join(GROUNDED_SOURCES)})",
+    )
     p.add_argument("--repeats", type=int, default=1, help="timed runs per configuration; the best counts (default: 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the model weights and prompts (default: 0)")
@@ -239,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             real = real_workload(path, args, args.batch_sizes, every=GROUNDED_PROMPTS)
             report["environment"]["real_model"] = real.name
-            configs = grounded_configs(args.batch_sizes, args.real_new_tokens)
+            configs = grounded_configs(args.batch_sizes, args.real_new_tokens, args.grounded_sources)
             report["grounded"] = rows_of(run_section(real, configs, args, "grounded"))
             print(
                 f"\n## Input-grounded: {real.name}, {len(GROUNDED_PROMPTS)} prompts, up to {args.real_new_tokens} new "

@@ -70,16 +70,16 @@ GROUNDED_SOURCES = ["all", "none", "ngram", "pool"]  # jacobi: defaults, then ea
 GROUNDED_N = 15  # GenerationSettings' default add_eos_length
 
 
-def grounded_configs(batch_sizes: list[int], new_tokens: int) -> list[Config]:
+def grounded_configs(batch_sizes: list[int], new_tokens: int, sources: list[str] = GROUNDED_SOURCES) -> list[Config]:
     """Input-grounded prompts: HF, HF prompt lookup (batch 1 only: HF refuses larger batches), adaptive jacobi
-    with the default sources and with each source alone."""
+    with each of ``sources`` (default: the default sources, then each source alone)."""
     configs = []
     for batch in batch_sizes:
         configs.append(Config("grounded", "hf", batch, new_tokens))
         if batch == 1:
             configs.append(Config("grounded", "hf", batch, new_tokens, lookup=True))
         configs += [Config("grounded", "jacobi", batch, new_tokens, GROUNDED_N, adaptive=True, sources=s)
-                    for s in GROUNDED_SOURCES]  # fmt: skip
+                    for s in sources]  # fmt: skip
     return configs
 
 
