@@ -4,18 +4,19 @@ Issue 22's target: adaptive jacobi within 97% of the best fixed N's tokens/s, at
 recipe model of ``bench/quality.py``; and its defaults (the longest draft, the hold after "no draft") decided
 by measurement. Two sections:
 
-- ``recipe``: the trained tiny model (``--checkpoint``) on its test prompts (``--prompts``), batch 1 (the first
-  ``--batch1`` prompts, one at a time) and batch 50 (all of them); fixed N in ``--fixed`` with the model's own
-  drafts (``none``) and the default sources, and adaptive (``--adaptive``: longest drafts) with both. Every
+- ``recipe``: the trained tiny model (``--checkpoint``) on the 200 test prompts of ``bench/quality.py``, batch 1
+  (the first ``--batch1`` prompts, one at a time) and batch 50 (all of them); fixed N in ``--fixed`` with the model's
+  own drafts (``none``) and the default sources, and adaptive (``--adaptive``: longest drafts) with both. Every
   method decodes each batch in turn, in a new random order per batch, for ``--rounds`` rounds (the first a
-  warm-up), so load drift hits all alike; each
+  warm-up), so load drift hits all alike (``--holds``: each adaptive method with each ``HOLD``); each
   adaptive method keeps its own ``DraftMemory`` across its calls, as in a process that serves only it.
 - ``grounded``: SmolLM2 (``--real-model``) on the input-grounded prompts of ``bench/generation.py`` at
   batch 1, adaptive with the default sources, for each longest draft in ``--adaptive`` and each hold in
   ``--holds``, each configuration starting from a fresh ``DraftMemory`` (as a fresh process would).
 
-Tokens/s by process CPU time (``time.process_time``, one torch thread: what other programs on a shared machine
-do barely moves it), wall time beside it, and tokens per forward (TPF). ``--log-k`` prints, per adaptive
+Tokens/s by process CPU time (``time.process_time``, one torch thread: much steadier than wall time on a shared
+machine, though contention still moves it by 10-20% under a load of 4-6 on 2 cores, hence the interleaving),
+wall time beside it, and tokens per forward (TPF). ``--log-k`` prints, per adaptive
 method, how often each draft length was chosen.
 
     PYTHONPATH=$PWD python bench/adaptive_draft.py recipe --rounds 3
@@ -112,8 +113,8 @@ def recipe(args) -> dict:
     out = Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
     batches = {50: test_batches(setup, module, out, 50), 1: test_batches(setup, module, out, 1)[: args.batch1]}
-    methods = [("jacobi", n, s) for n in args.fixed for s in args.sources]
-    methods += [("adaptive", n, s) for n in args.adaptive for s in args.sources]
+    methods = [("jacobi", n, s, drafting.HOLD) for n in args.fixed for s in args.sources]
+    methods += [("adaptive", n, s, h) for n in args.adaptive for s in args.sources for h in args.holds]
     memories = _Memories(module.model)
     totals = defaultdict(lambda: defaultdict(float))
     rng = random.Random(0)
@@ -122,9 +123,10 @@ def recipe(args) -> dict:
             for batch in batches[batch_size]:  # every method on each batch in turn: drift hits all alike
                 order = methods[:]
                 rng.shuffle(order)
-                for mode, n, sources in order:
-                    label = f"b{batch_size} {mode} N={n} {sources}"
+                for mode, n, sources, hold in order:
+                    label = f"b{batch_size} {mode} N={n} {sources}" + (f" hold={hold}" if len(args.holds) > 1 else "")
                     memories.use(label)
+                    drafting.HOLD = hold
                     _current[0] = label
 
                     records, cpu, wall = _timed(partial(_decode, module, batch, mode, n, sources, setup))

@@ -351,15 +351,16 @@ def steady(curves: np.ndarray, ks: np.ndarray, steps: int = 8) -> np.ndarray:
     exact = survive[:, None, :width] - survive[:, None, 1:]
     exact = np.where(index[None, None, :] < index[None, :, None], exact, 0.0)
     exact[:, index, index] = survive[:, :width]
-    state = (index[None, None, :] == ks[:, :, None]).astype(np.float64)  # [rows, candidates, g]: g = k
-    back = np.clip(ks[:, :, None] - index[None, None, :], 0, width - 1)  # a that leaves g' guesses
-    valid = index[None, None, :] <= ks[:, :, None]
+    mean = exact @ index  # [rows, g]: expected confirmed tokens of g guesses
+    back = np.clip(ks[:, :, None] - index[None, None, :], 0, width - 1)  # [rows, candidates, g']: a leaving g'
+    # [rows, candidates, g', g]: chance that g guesses leave g' (a = k - g'; no g' above k)
+    move = exact[np.arange(rows)[:, None, None], :, back] * (index[None, None, :] <= ks[:, :, None])[..., None]
+    state = (index[None, None, :] == ks[:, :, None]).astype(np.float64)[..., None]  # [rows, candidates, g, 1]
     confirmed = np.zeros(ks.shape)
     for step in range(steps):
-        spread = state @ exact  # [rows, candidates, a]
         if step >= steps // 2:
-            confirmed += spread @ index
-        state = np.where(valid, np.take_along_axis(spread, back, axis=2), 0.0)
+            confirmed += (state[..., 0] * mean[:, None, :]).sum(-1)
+        state = move @ state
     return confirmed / (steps - steps // 2)
 
 

@@ -251,3 +251,34 @@ def test_absurd_step_times_do_not_lock_drafting_out(absurd, monkeypatch):
         start = absurd.stop if call == 0 else 0  # the last stall of the first call; the next starts clean
         assert any(drafts[start : start + bound]), (call, drafts)
         assert out.tokens_per_forward > 2.0, (call, str(drafts))  # and drafting is not given up again
+
+
+def test_a_rarely_measured_size_does_not_outprice_its_well_measured_neighbours():
+    """One typical time of a size the policy seldom drafts must not make it dearer than a wider size it keeps
+    drafting (recipe model, batch 50: 724 columns on 3 samples at 12.6 ms, 790 on 16 at 10.5 ms)."""
+    policy = calibrated(15, 50, {})
+    for size, seconds, samples in ((400, 7.5, 16), (600, 9.0, 16), (724, 12.6, 1), (800, 10.5, 16)):
+        for _ in range(samples):
+            policy.record(size, seconds)
+    sizes = np.arange(50, 801, 25)
+    costs = policy.cost(sizes)
+    assert np.all(np.diff(costs) >= 0)  # a wider forward never costs less
+    assert policy.cost(724) < 10.5 and policy.cost(800) > policy.cost(600) + 1.0  # the lone time is outvoted
+
+
+def test_a_decision_stands_for_hold_forwards():
+    """Deciding costs a tenth of a tiny model's step: with the same rows and only the model's drafts, the
+    length is decided once per HOLD forwards, and at once again after a step took twice its estimate."""
+    policy = calibrated(7, 1, {1: 1.0, 8: 1.05})
+    set_model_rates(policy, [18.0], [20.0])
+    decided = []
+    original = policy._decide
+    policy._decide = lambda *args, **kwargs: decided.append(1) or original(*args, **kwargs)
+    policy._probe_every = 10**6  # no probe in this test
+    ks = [policy.choose([0], [100]) for _ in range(drafting.HOLD)]
+    assert ks == [7] * drafting.HOLD and len(decided) == 1
+    policy.clock = iter([0.0, 100.0]).__next__  # the next step takes 100 s
+    policy.started(8)
+    policy.finished()
+    policy.choose([0], [100])
+    assert len(decided) == 2
