@@ -93,6 +93,7 @@ from dllm.generation.draft_memory import (
     low,
     memory_of,
 )
+from dllm.generation.draft_steady import steady
 
 __all__ = [
     "DraftMemory",
@@ -105,6 +106,7 @@ __all__ = [
     "QUANTILE",
     "SAMPLES",
     "TEXT_HAZARD",
+    "steady",
 ]
 
 HOLD = 8  # forwards a decision stands before it is reconsidered (deciding costs 0.1-0.3 ms: a tiny model's step) ...
@@ -162,6 +164,8 @@ class DraftPolicy:
         self._last: tuple[int, float] | None = None  # (size, start) of the step being timed
         self._held = (0, 0, 0)  # (forwards left, rows, k) of a standing decision
         self.candidates = np.array(_candidates(max_draft))
+        self._chain, self._chain_at = {}, 0  # row -> steady() at every candidate, and when (in _choices)
+        self._choices = 0  # lengths chosen past the calibration
         self._since = 0  # forwards since the last probe
         self._probe_every = PROBE_EVERY  # ... before the next one
 
@@ -266,6 +270,7 @@ class DraftPolicy:
         picks = picks or [MODEL] * len(rows)
         only_model = not any(picks)
         self._since += 1
+        self._choices += 1
         probe = self._since >= self._probe_every  # a verdict from the measured costs is revisited at a bounded cost
         left, held_rows, held_k = self._held
         if left > 0 and held_rows == len(rows) and only_model and not probe:  # a standing decision
@@ -296,7 +301,7 @@ class DraftPolicy:
         expected = np.take_along_axis(curves, j, axis=1)
         own = np.array(picks) == MODEL
         if own.any():  # the model's own drafts: what drafting k every forward confirms, not the next forward
-            expected[own] = steady(curves[own], j[own])
+            expected[own] = self._steady([r for r, o in zip(rows, own) if o], curves[own], j[own])
         left = left.astype(np.float64)
         if len(rows) == 1:  # tokens per second
             total = (left / (1.0 + expected))[0] * cost(ks + 1)
@@ -313,55 +318,31 @@ class DraftPolicy:
         near = np.flatnonzero(total <= total.min() * (1.0 + LONGER))  # near-ties go to the longer draft: ...
         return int(ks[near[-1]])  # ... it measures further positions, and the cost estimates are noisy
 
+    def _steady(self, rows: list[int], curves: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """:func:`steady` of each row at draft lengths ``j``, from a per-row table over every candidate length.
+
+        The chain is the dearest part of a decision (about 2 ms for 50 rows), and a row's curve moves
+        little in a few forwards: a row's table is kept for ``HOLD`` forwards, so a batch whose rows
+        leave one by one does not recompute it at every decision. Between candidates (16 and up) linear.
+        """
+        if self._choices - self._chain_at >= HOLD:
+            self._chain, self._chain_at = {}, self._choices
+        missing = [i for i, row in enumerate(rows) if row not in self._chain]
+        if missing:
+            every = np.broadcast_to(self.candidates, (len(missing), len(self.candidates)))
+            for i, values in zip(missing, steady(curves[missing], every)):
+                self._chain[rows[i]] = values
+        table = np.stack([self._chain[row] for row in rows])  # [rows, candidates]
+        hi = np.minimum(np.searchsorted(self.candidates, j), len(self.candidates) - 1)
+        lo = np.maximum(hi - 1, 0)
+        x0, x1 = self.candidates[lo], self.candidates[hi]
+        share = np.where(x1 > x0, (j - x0) / np.maximum(x1 - x0, 1), 0.0)
+        y0, y1 = np.take_along_axis(table, lo, 1), np.take_along_axis(table, hi, 1)
+        return y0 + share * (y1 - y0)
+
     def cost(self, size):
         """Estimated seconds of a step of ``size`` rows x columns (an int or an array; :meth:`StepCosts.cost`)."""
         return self.costs.cost(size)
-
-
-def steady(curves: np.ndarray, ks: np.ndarray, steps: int = 8) -> np.ndarray:
-    """Expected confirmed tokens per forward of the model's own drafts when every forward drafts ``k``.
-
-    A jacobi forward of ``k`` draft tokens that confirms ``a`` leaves ``k - a``
-    guesses for the next one (the rest of its draft is placeholders, never
-    confirmed). So drafting ``k`` forward after forward is a Markov chain on
-    the number of guesses ``g``: ``g`` guesses confirm ``a`` with the chances of
-    the row's survival curve, and leave ``k - a``. This returns the mean ``a``
-    over ``steps`` forwards from ``g = k`` (the second half: past the start,
-    and averaging out a chain that alternates). Reading the curve at ``k``
-    instead (every draft token a guess) priced a long draft as if the next
-    forward's guesses came for free and a short one as if it did not starve
-    the next: on the recipe model of ``bench/quality.py`` the policy settled
-    on 5-6 tokens where 15 were 40% faster. The curve at the mean number of
-    guesses (``a = E(k - a)``) is not enough either: the curve is concave, so
-    it overrated long drafts (6.2 tokens per forward at 15 where 5.4 came).
-
-    Args:
-        curves: ``[rows, max_draft + 1]``, expected confirmed tokens of ``g`` guesses (``E(g)``, increasing).
-        ks: ``[rows, candidates]`` draft lengths (at most ``max_draft``).
-
-    Returns:
-        ``[rows, candidates]``: the mean confirmed tokens per forward.
-    """
-    rows, width = curves.shape
-    survive = np.ones((rows, width + 1))  # chance that the first j guesses are all confirmed
-    survive[:, 1:width] = np.clip(np.diff(curves, axis=1), 0.0, 1.0)
-    survive[:, width] = 0.0
-    # [rows, g, a]: chance that g guesses confirm exactly a (a < g: broken at a + 1; a = g: all)
-    index = np.arange(width)
-    exact = survive[:, None, :width] - survive[:, None, 1:]
-    exact = np.where(index[None, None, :] < index[None, :, None], exact, 0.0)
-    exact[:, index, index] = survive[:, :width]
-    mean = exact @ index  # [rows, g]: expected confirmed tokens of g guesses
-    back = np.clip(ks[:, :, None] - index[None, None, :], 0, width - 1)  # [rows, candidates, g']: a leaving g'
-    # [rows, candidates, g', g]: chance that g guesses leave g' (a = k - g'; no g' above k)
-    move = exact[np.arange(rows)[:, None, None], :, back] * (index[None, None, :] <= ks[:, :, None])[..., None]
-    state = (index[None, None, :] == ks[:, :, None]).astype(np.float64)[..., None]  # [rows, candidates, g, 1]
-    confirmed = np.zeros(ks.shape)
-    for step in range(steps):
-        if step >= steps // 2:
-            confirmed += (state[..., 0] * mean[:, None, :]).sum(-1)
-        state = move @ state
-    return confirmed / (steps - steps // 2)
 
 
 def _candidates(max_draft: int) -> list[int]:
