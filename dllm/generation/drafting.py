@@ -109,7 +109,9 @@ __all__ = [
     "steady",
 ]
 
-HOLD = 8  # forwards a decision stands before it is reconsidered (deciding costs 0.1-0.3 ms: a tiny model's step) ...
+# forwards a decision stands before it is reconsidered (deciding costs 0.1-0.3 ms: a tenth of a tiny model's step);
+# 4 and 16 measured no better on SmolLM2's grounded prompts nor on the recipe model (docs/method.md, section 4) ...
+HOLD = 8
 SURPRISE = 2.0  # ... unless a step took this many times its size's estimate (a stall: decide afresh)
 LONGER = 0.02  # the longest draft whose expected time is within this share of the best (noise in the costs)
 PROBE_EVERY = 8  # forwards between probes: a draft longer than the costs say (doubling after each probe) ...
