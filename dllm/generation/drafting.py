@@ -210,6 +210,12 @@ class DraftPolicy:
             picks = sources
         self.acceptance.accepted(rows, drafted, accepted, informative, picks, lengths, shadows)
 
+    def reset_row(self, row: int) -> None:
+        """A new row in slot ``row`` (a serving stepper reuses slots): its per-row state starts afresh."""
+        for table in (self.reached, self.rejected, self.tested, self.confirmed):
+            table[row] = 0.0
+        self._chain.pop(row, None)
+
     # --- the decision -------------------------------------------------------------
 
     def holes_ok(self) -> bool:
