@@ -30,14 +30,23 @@ depends on the model, the batch and the device. So:
   (the lowest of up to four, then the 25th percentile of up to 16) of the
   measured times (CPU time of the process on a CPU, wall time on an
   accelerator): other programs slow a step, never speed it, so a few absurd
-  times cannot swing it; other sizes are interpolated;
+  times cannot swing it. Sizes within 9% share their samples, each size's
+  estimate is smoothed over its neighbours and made non-decreasing
+  (``dllm.generation.draft_costs``): one noisy or rarely measured size must not
+  decide the length; other sizes are interpolated;
+- the model's own drafts are judged on their guesses: a placeholder past them
+  (the tail of a draft longer than what the last forward predicted) is never
+  confirmed and is no evidence about the model;
 - each forward takes the draft length ``k`` in ``[0, max_draft]`` that
   minimises the expected time to finish the batch: row ``i`` needs about
-  ``left_i / (1 + E_i(k))`` more forwards (``E_i(k)``: the expected confirmed
-  tokens of a ``k``-token draft of its source, the sum of the survival curve), rows leave as they
-  finish, and a forward of ``r`` rows costs ``time(r x (k + 1))``. With one row
-  this is the most tokens per second; in a batch it sees that drafting for a
-  row that will finish early anyway does not shorten the slowest row.
+  ``left_i / (1 + E_i(k))`` more forwards, rows leave as they finish, and a
+  forward of ``r`` rows costs ``time(r x (k + 1))``. ``E_i(k)``: for a text
+  candidate, its expected confirmed tokens (the sum of its survival curve up
+  to ``k``); for the model's own drafts, the confirmed tokens per forward of
+  drafting ``k`` forward after forward (:func:`steady`: a forward that
+  confirms ``a`` leaves ``k - a`` guesses for the next). With one row this is
+  the most tokens per second; in a batch it sees that drafting for a row that
+  will finish early anyway does not shorten the slowest row.
 
 The batch shares one draft length (a forward is a rectangle: a row that drafts
 less leaves padding that costs the same). The first two decode steps measure
@@ -45,9 +54,11 @@ the longest draft and no draft (committing only what every row confirmed, so
 no holes); other lengths are interpolated (extrapolating from a short draft
 magnified its noise: one slow 4-token step priced a 16-token draft at 9x a
 one-token step on SmolLM2, where it cost 2.5x on a loaded CPU). A draft must promise to save
-5% of the time (the measures are noisy), and a decision not to draft stands
-for 8 forwards while only the model's own drafts are on offer (deciding costs
-time too). Every 8 forwards (doubling after each probe, up to 64) the policy
+5% of the time (the measures are noisy); among the lengths within 2% of the
+best the longest is taken. A decision stands for ``HOLD`` forwards while only
+the model's own drafts are on offer and the rows are the same, unless a step
+took twice its size's estimate (deciding costs time too: on a tiny model a
+tenth of a step). Every 8 forwards (doubling after each probe, up to 64) the policy
 asks what it would draft if each drafted token cost only 5% of a one-token
 step; when that is longer than its decision it drafts that once (a probe): a
 verdict reached from wrong step times is revisited at a bounded cost, and the
@@ -82,6 +93,7 @@ from dllm.generation.draft_memory import (
     low,
     memory_of,
 )
+from dllm.generation.draft_steady import steady
 
 __all__ = [
     "DraftMemory",
@@ -94,9 +106,14 @@ __all__ = [
     "QUANTILE",
     "SAMPLES",
     "TEXT_HAZARD",
+    "steady",
 ]
 
-HOLD = 8  # forwards a "no draft" decision stands before it is reconsidered
+# forwards a decision stands before it is reconsidered (deciding costs 0.1-0.3 ms: a tenth of a tiny model's step);
+# 4 and 16 measured no better on SmolLM2's grounded prompts nor on the recipe model (docs/method.md, section 4) ...
+HOLD = 8
+SURPRISE = 2.0  # ... unless a step took this many times its size's estimate (a stall: decide afresh)
+LONGER = 0.02  # the longest draft whose expected time is within this share of the best (noise in the costs)
 PROBE_EVERY = 8  # forwards between probes: a draft longer than the costs say (doubling after each probe) ...
 PROBE_MAX = 64  # ... up to this many
 MARGIN = 0.05  # a draft must promise to save this share of the time (noise in the measures)
@@ -147,8 +164,10 @@ class DraftPolicy:
         self.steps = 0  # forwards of this call
         self.calibrating = not self.memory.calibrated  # steps 0-2 measure costs
         self._last: tuple[int, float] | None = None  # (size, start) of the step being timed
-        self._held: tuple[int, int] = (0, 0)  # (forwards left, rows) of a standing "no draft" decision
+        self._held = (0, 0, 0)  # (forwards left, rows, k) of a standing decision
         self.candidates = np.array(_candidates(max_draft))
+        self._chain, self._chain_at = {}, 0  # row -> steady() at every candidate, and when (in _choices)
+        self._choices = 0  # lengths chosen past the calibration
         self._since = 0  # forwards since the last probe
         self._probe_every = PROBE_EVERY  # ... before the next one
 
@@ -163,19 +182,39 @@ class DraftPolicy:
         """The step begun by :meth:`started` is done (its forward and its bookkeeping): record its time."""
         if self._last is not None:
             size, start = self._last
-            self.record(size, self.clock() - start)
+            seconds = self.clock() - start
+            estimate = self.costs.estimate(size)
+            if estimate is not None and seconds > SURPRISE * estimate:  # the costs may be changing: decide afresh
+                self._held = (0, 0, 0)
+            self.record(size, seconds)
             self._last = None
 
     def record(self, size: int, seconds: float) -> None:
         """Add one measured step time for forwards of ``size`` = rows x columns (:meth:`StepCosts.record`)."""
         self.costs.record(size, seconds)
 
-    def accepted(self, rows, drafted, accepted, informative, picks=None, lengths=None, shadows=None) -> None:
+    def accepted(
+        self, rows, drafted, accepted, informative, picks=None, lengths=None, shadows=None, guesses=None
+    ) -> None:
         """Record, per active row, how many of ``drafted`` draft tokens the forward confirmed.
 
-        The arguments are :meth:`Acceptance.accepted`'s.
+        The arguments are :meth:`Acceptance.accepted`'s, and ``guesses``: per row, how many of the model's
+        own draft tokens were guesses (the rest placeholders; ``None``: all). A row that verified the
+        model's draft is judged on its guesses only: a placeholder past them is no guess that failed
+        (it is never confirmed), and counting it as one made a short draft look like the model's limit.
         """
+        if guesses is not None:
+            sources = picks if picks is not None else [MODEL] * len(rows)
+            given = lengths if lengths is not None else [drafted] * len(rows)
+            lengths = [g if s == MODEL else n for s, n, g in zip(sources, given, guesses)]
+            picks = sources
         self.acceptance.accepted(rows, drafted, accepted, informative, picks, lengths, shadows)
+
+    def reset_row(self, row: int) -> None:
+        """A new row in slot ``row`` (a serving stepper reuses slots): its per-row state starts afresh."""
+        for table in (self.reached, self.rejected, self.tested, self.confirmed):
+            table[row] = 0.0
+        self._chain.pop(row, None)
 
     # --- the decision -------------------------------------------------------------
 
@@ -239,21 +278,24 @@ class DraftPolicy:
         picks = picks or [MODEL] * len(rows)
         only_model = not any(picks)
         self._since += 1
+        self._choices += 1
         probe = self._since >= self._probe_every  # a verdict from the measured costs is revisited at a bounded cost
-        left, held_rows = self._held
-        if left > 0 and held_rows == len(rows) and only_model and not probe:  # not drafting is cheap to keep
-            self._held = (left - 1, held_rows)
-            return 0
+        left, held_rows, held_k = self._held
+        if left > 0 and held_rows == len(rows) and only_model and not probe:  # a standing decision
+            self._held = (left - 1, held_rows, held_k)
+            return min(held_k, longest)
         k = self._decide(rows, remaining, longest, picks, lengths)
-        self._held = (HOLD - 1, len(rows)) if k == 0 and only_model else (0, 0)
-        if probe:
+        self._held = (HOLD - 1, len(rows), k) if only_model else (0, 0, 0)
+        if probe and k < longest:  # (nothing is longer than the longest draft)
             self._since = 0
             optimistic = max(1, self._decide(rows, remaining, longest, picks, lengths, optimistic_cost))
             if optimistic > k:  # the costs may be what is wrong: measure the length a sane estimate picks
                 self._probe_every = min(2 * self._probe_every, PROBE_MAX)
-                self._held = (0, 0)
+                self._held = (0, 0, 0)
                 return optimistic
             self._probe_every = PROBE_EVERY
+        elif probe:
+            self._since, self._probe_every = 0, PROBE_EVERY
         return k
 
     def _decide(self, rows, remaining, longest, picks, lengths, cost=None) -> int:
@@ -265,6 +307,9 @@ class DraftPolicy:
         if lengths is not None:  # a short candidate confirms at most its own tokens
             j = np.minimum(j, np.array(lengths)[:, None])
         expected = np.take_along_axis(curves, j, axis=1)
+        own = np.array(picks) == MODEL
+        if own.any():  # the model's own drafts: what drafting k every forward confirms, not the next forward
+            expected[own] = self._steady([r for r, o in zip(rows, own) if o], curves[own], j[own])
         left = left.astype(np.float64)
         if len(rows) == 1:  # tokens per second
             total = (left / (1.0 + expected))[0] * cost(ks + 1)
@@ -278,7 +323,30 @@ class DraftPolicy:
             # 2. each phase's forwards at their measured cost
             total = (phases * cost(active * (ks[None, :] + 1))).sum(0)
         total[1:] *= 1.0 + MARGIN  # ks[0] == 0
-        return int(ks[len(ks) - 1 - int(np.argmin(total[::-1]))])  # ties go to the longer draft: it costs nothing more
+        near = np.flatnonzero(total <= total.min() * (1.0 + LONGER))  # near-ties go to the longer draft: ...
+        return int(ks[near[-1]])  # ... it measures further positions, and the cost estimates are noisy
+
+    def _steady(self, rows: list[int], curves: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """:func:`steady` of each row at draft lengths ``j``, from a per-row table over every candidate length.
+
+        The chain is the dearest part of a decision (about 2 ms for 50 rows), and a row's curve moves
+        little in a few forwards: a row's table is kept for ``HOLD`` forwards, so a batch whose rows
+        leave one by one does not recompute it at every decision. Between candidates (16 and up) linear.
+        """
+        if self._choices - self._chain_at >= HOLD:
+            self._chain, self._chain_at = {}, self._choices
+        missing = [i for i, row in enumerate(rows) if row not in self._chain]
+        if missing:
+            every = np.broadcast_to(self.candidates, (len(missing), len(self.candidates)))
+            for i, values in zip(missing, steady(curves[missing], every)):
+                self._chain[rows[i]] = values
+        table = np.stack([self._chain[row] for row in rows])  # [rows, candidates]
+        hi = np.minimum(np.searchsorted(self.candidates, j), len(self.candidates) - 1)
+        lo = np.maximum(hi - 1, 0)
+        x0, x1 = self.candidates[lo], self.candidates[hi]
+        share = np.where(x1 > x0, (j - x0) / np.maximum(x1 - x0, 1), 0.0)
+        y0, y1 = np.take_along_axis(table, lo, 1), np.take_along_axis(table, hi, 1)
+        return y0 + share * (y1 - y0)
 
     def cost(self, size):
         """Estimated seconds of a step of ``size`` rows x columns (an int or an array; :meth:`StepCosts.cost`)."""

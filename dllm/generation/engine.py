@@ -64,7 +64,7 @@ def iterative_generate(
     *,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
-    add_eos_length: int = 127,
+    add_eos_length: int = 127,  # refine's block too; for adaptive jacobi 15-127 measure alike (docs/method.md, 4)
     refine_iter: int = 2,
     max_new_tokens: int = 1024,
     max_length: int = 8192,

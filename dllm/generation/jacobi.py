@@ -56,7 +56,7 @@ def jacobi_loop(run, add_eos_length: int, policy: DraftPolicy, sources: DraftSou
             [p > 0 for p in predicted] if picks is None else [s != MODEL or p > 0 for s, p in zip(picks, predicted)]
         )
         shadows = _shadows(pending, predicted, tokens, confirmed, k, picks, offers) if offers is not None else None
-        policy.accepted(batch.rows, k, confirmed, informative, picks, lengths, shadows)
+        policy.accepted(batch.rows, k, confirmed, informative, picks, lengths, shadows, guesses=predicted)
         if run.tracing():
             draft0, tokens0 = draft[0].tolist(), tokens[0].tolist()
             run.emit(

@@ -20,7 +20,9 @@ class GenerationSettings:
     Args:
         mode: ``"refine"`` (block drafting, the original method) or ``"jacobi"`` (lossless: exactly greedy or
             exactly sampled next-token decoding, in fewer forwards).
-        add_eos_length: N, EOS placeholders per block; a block yields N + 1 tokens. Jacobi: the longest draft.
+        add_eos_length: N, EOS placeholders per block; a block yields N + 1 tokens. Jacobi: the longest draft
+            (15: 31, 63 and 127 measured no better with adaptive drafts, on SmolLM2's grounded prompts nor on the
+            recipe model of bench/quality.py; docs/method.md, section 4).
         refine_iter: forwards per block in refine mode (1 = draft only).
         max_new_tokens: generated tokens per prompt.
         max_length: prompt + generated tokens per prompt.

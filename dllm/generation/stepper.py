@@ -236,8 +236,7 @@ class Stepper:
 
     def _reset_slot(self, slot: int, prompt: list[int]) -> None:
         """A new row in ``slot``: the draft policy's and the sources' per-row state start afresh."""
-        for table in (self.policy.reached, self.policy.rejected, self.policy.tested, self.policy.confirmed):
-            table[slot] = 0.0
+        self.policy.reset_row(slot)
         fresh = DraftSources(self.source_names, [prompt], self.n)
         if self.sources.ngram is not None:
             self.sources.ngram[slot] = fresh.ngram[0]

@@ -151,7 +151,7 @@ def jacobi_step(stepper, batch: Batch, prefill: bool) -> tuple[torch.Tensor, lis
         informative = (
             [p > 0 for p in predicted] if picks is None else [s != MODEL or p > 0 for s, p in zip(picks, predicted)]
         )
-        policy.accepted(rows, k, confirmed, informative, picks, lengths)
+        policy.accepted(rows, k, confirmed, informative, picks, lengths, guesses=predicted)
     before = [len(stepper.slots[s].generated) for s in rows]
     going, events = accept(stepper, batch, tokens, [min(a + 1, r) for a, r in zip(counts, remaining)])
     if sources.active:  # a prefill's draft holds no guess: the sources only read the new tokens

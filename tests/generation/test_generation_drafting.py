@@ -1,5 +1,6 @@
 """Adaptive jacobi drafts: the length follows acceptance and cost; the tokens never change."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import ARCHS, EOS
@@ -40,13 +41,56 @@ def test_cheap_drafts_that_are_right_are_drafted_long():
     assert policy.choose([0], [4]) == 3  # never past the budget
 
 
+def steady_confirmed(k: int, rate: float) -> float:
+    """Confirmed tokens per forward when every forward drafts ``k`` of the model's own tokens at a geometric
+    ``rate``: a forward that confirms ``a`` leaves ``k - a`` guesses for the next, so ``a = E(k - a)``,
+    ``E(g) = rate + ... + rate**g`` (linear between whole ``g``), solved by bisection."""
+
+    def confirmed(g: float) -> float:
+        whole = int(g)
+        return sum(rate**i for i in range(1, whole + 1)) + (g - whole) * rate ** (whole + 1)
+
+    lo, hi = 0.0, float(k)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if confirmed(k - mid) > mid else (lo, mid)
+    return lo
+
+
 def test_the_length_balances_acceptance_against_cost():
     """Cost linear in the tokens of the forward: at a 60% rate the best draft is short but not zero."""
     policy = calibrated(15, 1, {1: 1.0, 16: 2.5})  # +0.1 per draft token
     set_model_rates(policy, [12.0], [20.0])
     k = policy.choose([0], [100])
-    speeds = {j: (1 + sum(0.6**i for i in range(1, j + 1))) / (1 + 0.1 * j) for j in range(16)}
-    assert 1 <= k <= 4 and speeds[k] >= max(speeds.values()) * 0.99
+    speeds = {j: (1 + steady_confirmed(j, 0.6)) / (1 + 0.1 * j) for j in range(16)}
+    assert 1 <= k <= 6 and speeds[k] >= max(speeds.values()) / (1 + drafting.LONGER)  # near-ties go longer
+
+
+def test_placeholders_past_the_guesses_are_not_counted_as_rejected_guesses():
+    """A draft of 8 with 2 guesses (the rest placeholders) that confirms both says nothing of positions 3-8.
+
+    Counted as a rejection at position 3, it made the model's curve end where the last draft's guesses did,
+    and a short draft (few guesses next time) looked like the model's limit: the recipe model of
+    bench/quality.py settled on 5-6 tokens where 15 were 40% faster.
+    """
+    censored, counted = calibrated(8, 1, {1: 1.0, 9: 1.0}), calibrated(8, 1, {1: 1.0, 9: 1.0})
+    for _ in range(20):
+        censored.accepted([0], 8, [2], [True], guesses=[2])
+        counted.accepted([0], 8, [2], [True])
+    assert counted.rejected[0, drafting.MODEL, 2] > 5  # position 3 (index 2): a "rejection" each forward (faded)
+    assert censored.rejected[0, drafting.MODEL].sum() == 0 and censored.reached[0, drafting.MODEL, 2] == 0
+    assert censored.expected([0])[0, drafting.MODEL, 8] > counted.expected([0])[0, drafting.MODEL, 8] + 0.5
+
+
+def test_a_draft_that_leaves_guesses_for_the_next_forward_is_worth_its_width():
+    """Free columns and every guess right: the steady state of drafting k confirms about k / 2 per forward
+    (half the draft is the guesses the last forward left), and the longest draft is chosen."""
+    policy = calibrated(15, 1, {1: 1.0, 16: 1.0})
+    set_model_rates(policy, [1000.0], [1000.0])
+    expected = policy.expected([0])[:, drafting.MODEL]
+    ks = np.array([[3, 7, 15]])
+    assert drafting.steady(expected, ks) == pytest.approx(np.array([[1.5, 3.5, 7.5]]), abs=0.05)
+    assert policy.choose([0], [100]) == 15
 
 
 def test_a_batch_drafts_for_its_slowest_row():
@@ -206,4 +250,35 @@ def test_absurd_step_times_do_not_lock_drafting_out(absurd, monkeypatch):
         drafts = [len(s.draft) for s in steps]
         start = absurd.stop if call == 0 else 0  # the last stall of the first call; the next starts clean
         assert any(drafts[start : start + bound]), (call, drafts)
-        assert out.tokens_per_forward > 2.0, (call, drafts)  # and drafting is not given up again
+        assert out.tokens_per_forward > 2.0, (call, str(drafts))  # and drafting is not given up again
+
+
+def test_a_rarely_measured_size_does_not_outprice_its_well_measured_neighbours():
+    """One typical time of a size the policy seldom drafts must not make it dearer than a wider size it keeps
+    drafting (recipe model, batch 50: 724 columns on 3 samples at 12.6 ms, 790 on 16 at 10.5 ms)."""
+    policy = calibrated(15, 50, {})
+    for size, seconds, samples in ((400, 7.5, 16), (600, 9.0, 16), (724, 12.6, 1), (800, 10.5, 16)):
+        for _ in range(samples):
+            policy.record(size, seconds)
+    sizes = np.arange(50, 801, 25)
+    costs = policy.cost(sizes)
+    assert np.all(np.diff(costs) >= 0)  # a wider forward never costs less
+    assert policy.cost(724) < 10.5 and policy.cost(800) > policy.cost(600) + 1.0  # the lone time is outvoted
+
+
+def test_a_decision_stands_for_hold_forwards():
+    """Deciding costs a tenth of a tiny model's step: with the same rows and only the model's drafts, the
+    length is decided once per HOLD forwards, and at once again after a step took twice its estimate."""
+    policy = calibrated(7, 1, {1: 1.0, 8: 1.05})
+    set_model_rates(policy, [18.0], [20.0])
+    decided = []
+    original = policy._decide
+    policy._decide = lambda *args, **kwargs: decided.append(1) or original(*args, **kwargs)
+    policy._probe_every = 10**6  # no probe in this test
+    ks = [policy.choose([0], [100]) for _ in range(drafting.HOLD)]
+    assert ks == [7] * drafting.HOLD and len(decided) == 1
+    policy.clock = iter([0.0, 100.0]).__next__  # the next step takes 100 s
+    policy.started(8)
+    policy.finished()
+    policy.choose([0], [100])
+    assert len(decided) == 2
