@@ -316,6 +316,21 @@ def model_with_own_drafts_right(seed: int = 0, positions: int = 128, recovers: b
     return model, truth
 
 
+def own_and_all_sources(model, ids, mask, adaptive: bool) -> dict[str, float]:
+    """Tokens per forward with the model's own drafts (``none``) and with every source (``all``), each in a
+    model's first call (nothing measured yet), every row checked against HF greedy."""
+    tpf = {}
+    for sources in ("none", "all"):
+        drafting.forget()
+        out = iterative_generate(
+            model, ids, mask, eos_token_id=STOP, pad_token_id=0, add_eos_length=7, mode="jacobi",
+            max_new_tokens=96, adaptive_draft=adaptive, draft_sources=sources, return_dict=True,
+        )  # fmt: skip
+        assert generated_rows(out, ids.size(1)) == hf_rows(model, ids, mask, 96)
+        tpf[sources] = out.tokens_per_forward
+    return tpf
+
+
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_text_drafts_cost_a_model_with_right_drafts_nothing(adaptive, monkeypatch):
     """Every source on: tokens per forward within a few percent of the model's own drafts alone.
@@ -330,15 +345,7 @@ def test_text_drafts_cost_a_model_with_right_drafts_nothing(adaptive, monkeypatc
     ids[1, :4] = 0  # a left-padded second row (positions from the mask: the same truth, shifted)
     mask = (ids != 0).long()
     mask[0] = 1
-    tpf = {}
-    for sources in ("none", "all"):
-        drafting.forget()
-        out = iterative_generate(
-            model, ids, mask, eos_token_id=STOP, pad_token_id=0, add_eos_length=7, mode="jacobi",
-            max_new_tokens=96, adaptive_draft=adaptive, draft_sources=sources, return_dict=True,
-        )  # fmt: skip
-        assert generated_rows(out, ids.size(1)) == hf_rows(model, ids, mask, 96)
-        tpf[sources] = out.tokens_per_forward
+    tpf = own_and_all_sources(model, ids, mask, adaptive)
     assert tpf["none"] > 4  # its own drafts confirm long runs (8 tokens, then 1 from a placeholder draft)
     assert tpf["all"] >= 0.95 * tpf["none"], tpf  # before: 0.69x (3.0 vs 4.36 at batch 1)
 
@@ -361,14 +368,6 @@ def test_text_drafts_cost_a_model_that_drafts_from_placeholders_nothing(adaptive
     # rows of 12, 10, 8 and 6 prompt tokens, left-padded: positions come from the mask, so each is the truth
     ids = torch.stack([torch.cat([torch.zeros(2 * row, dtype=torch.long), truth[: 12 - 2 * row]]) for row in range(4)])
     mask = (ids != 0).long()
-    tpf = {}
-    for sources in ("none", "all"):
-        drafting.forget()  # a model's first call: nothing measured yet
-        out = iterative_generate(
-            model, ids, mask, eos_token_id=STOP, pad_token_id=0, add_eos_length=7, mode="jacobi",
-            max_new_tokens=96, adaptive_draft=adaptive, draft_sources=sources, return_dict=True,
-        )  # fmt: skip
-        assert generated_rows(out, ids.size(1)) == hf_rows(model, ids, mask, 96)
-        tpf[sources] = out.tokens_per_forward
+    tpf = own_and_all_sources(model, ids, mask, adaptive)
     assert tpf["none"] > 4  # its own drafts confirm long runs
     assert tpf["all"] >= 0.95 * tpf["none"], tpf
