@@ -20,7 +20,7 @@ wall time beside it, and tokens per forward (TPF). ``--log-k`` prints, per adapt
 method, how often each draft length was chosen.
 
     PYTHONPATH=$PWD python bench/adaptive_draft.py recipe --rounds 3
-    PYTHONPATH=$PWD python bench/adaptive_draft.py grounded --real-model /work/artifacts/smollm2-135m
+    PYTHONPATH=$PWD python bench/adaptive_draft.py grounded --real-model models/smollm2-135m
 """
 
 from __future__ import annotations
@@ -229,15 +229,23 @@ def grounded(args) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("section", choices=["recipe", "grounded"])
-    p.add_argument("--checkpoint", default="/work/artifacts/quality-merged/sft-recipe/model.ckpt")
-    p.add_argument("--real-model", default="models/smollm2-135m")
-    p.add_argument("--work", default="/tmp/adaptive-draft", help="where the test prompts are written")
+    p.add_argument(
+        "--checkpoint",
+        default="bench/results/quality/sft-recipe/model.ckpt",
+        help="recipe: the trained model (default: bench/quality.py's sft-recipe)",
+    )
+    p.add_argument("--real-model", default="models/smollm2-135m", help="grounded: an HF folder or .gguf file")
+    p.add_argument(
+        "--work",
+        default="bench/results/adaptive-draft",
+        help="where the test prompts are written (default: %(default)s)",
+    )
     p.add_argument("--batch1", type=int, default=20, help="prompts at batch 1 (default: 20)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 50])
-    p.add_argument("--fixed", type=int, nargs="+", default=[3, 7, 11, 15, 23, 31])
-    p.add_argument("--adaptive", type=int, nargs="+", default=[15, 31])
-    p.add_argument("--sources", nargs="+", default=["none", "all"])
-    p.add_argument("--holds", type=int, nargs="+", default=[drafting.HOLD])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 50], help="recipe (default: 1 50)")
+    p.add_argument("--fixed", type=int, nargs="+", default=[3, 7, 11, 15, 23, 31], help="recipe: fixed draft lengths")
+    p.add_argument("--adaptive", type=int, nargs="+", default=[15, 31], help="longest drafts of the adaptive runs")
+    p.add_argument("--sources", nargs="+", default=["none", "all"], help="recipe: draft_sources (default: none all)")
+    p.add_argument("--holds", type=int, nargs="+", default=[drafting.HOLD], help="HOLD values of the adaptive runs")
     p.add_argument("--new-tokens", type=int, default=64, help="grounded: new tokens per prompt (default: 64)")
     p.add_argument("--rounds", type=int, default=3, help="rounds; the first is a warm-up when > 1 (default: 3)")
     p.add_argument("--log-k", action="store_true", help="print how often each draft length was chosen")

@@ -213,47 +213,39 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n## Sampling (temperature 0.7, top-p 0.9) vs greedy: {big.name}, {args.sampling_new_tokens} tokens\n")
         print(sampling_table(report["sampling"]))
         del big
-    if "real" in args.sections:
+    real_sections = {  # section -> (its prompts: None = the first b chat prompts, its configs, its heading)
+        "real": (None, real_configs(args.batch_sizes, args.real_new_tokens), "Real model", "its own stop token"),
+        "chat": (
+            REAL_PROMPTS,
+            chat_configs(args.batch_sizes, args.real_new_tokens),
+            "Chat",
+            f"{len(REAL_PROMPTS)} prompts",
+        ),
+        "grounded": (
+            GROUNDED_PROMPTS,
+            grounded_configs(args.batch_sizes, args.real_new_tokens, args.grounded_sources),
+            "Input-grounded",
+            f"{len(GROUNDED_PROMPTS)} prompts, its own stop token (HF prompt lookup: batch 1 only; no assistant "
+            "model offline)",
+        ),
+    }
+    for section, (prompts, configs, heading, what) in real_sections.items():
+        if section not in args.sections:
+            continue
         path = find_real_model(args.real_model)
         if path is None or not path.exists():
             print(
-                f"\n## Real model: skipped: no model at {path or DEFAULT_REAL} "
+                f"\n## {heading}: skipped: no model at {path or DEFAULT_REAL} "
                 "(python -m dllm.models smollm2 --out models/smollm2-135m, or --real-model PATH)"
             )
-        else:
-            real = real_workload(path, args, args.batch_sizes)
-            report["environment"]["real_model"] = real.name
-            configs = real_configs(args.batch_sizes, args.real_new_tokens)
-            report["real"] = rows_of(run_section(real, configs, args, "real"))
-            print(f"\n## Real model: {real.name}, up to {args.real_new_tokens} new tokens, its own stop token\n")
-            print(method_table(report["real"], real=True))
-    if "chat" in args.sections:
-        path = find_real_model(args.real_model)
-        if path is None or not path.exists():
-            print(f"\n## Chat: skipped: no model at {path or DEFAULT_REAL} (--real-model PATH)")
-        else:
-            real = real_workload(path, args, args.batch_sizes, every=REAL_PROMPTS)
-            report["environment"]["real_model"] = real.name
-            configs = chat_configs(args.batch_sizes, args.real_new_tokens)
-            report["chat"] = rows_of(run_section(real, configs, args, "chat"))
-            print(f"\n## Chat: {real.name}, {len(REAL_PROMPTS)} prompts, up to {args.real_new_tokens} new tokens\n")
-            print(method_table(report["chat"], real=True))
-    if "grounded" in args.sections:
-        path = find_real_model(args.real_model)
-        if path is None or not path.exists():
-            print(f"\n## Input-grounded: skipped: no model at {path or DEFAULT_REAL} (--real-model PATH)")
-        else:
-            real = real_workload(path, args, args.batch_sizes, every=GROUNDED_PROMPTS)
-            report["environment"]["real_model"] = real.name
-            configs = grounded_configs(args.batch_sizes, args.real_new_tokens, args.grounded_sources)
-            report["grounded"] = rows_of(run_section(real, configs, args, "grounded"))
-            print(
-                f"\n## Input-grounded: {real.name}, {len(GROUNDED_PROMPTS)} prompts, up to {args.real_new_tokens} new "
-                "tokens, its own stop token (HF prompt lookup: batch 1 only; no assistant model offline)\n"
-            )
-            print(method_table(report["grounded"], real=True))
-            if args.plot is not None:
-                plot_grounded(report["grounded"], args.plot)
+            continue
+        real = real_workload(path, args, args.batch_sizes, every=prompts)
+        report["environment"]["real_model"] = real.name
+        report[section] = rows_of(run_section(real, configs, args, section))
+        print(f"\n## {heading}: {real.name}, up to {args.real_new_tokens} new tokens, {what}\n")
+        print(method_table(report[section], real=True))
+        if section == "grounded" and args.plot is not None:
+            plot_grounded(report["grounded"], args.plot)
     env = report["environment"]
     print(f"\n{env['device']} {env['device_name']}, {env['dtype']}, threads={env['threads']}, best of {args.repeats}")
     if not all(r["full_budget"] for r in report.get("methods", [])):

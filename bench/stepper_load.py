@@ -22,8 +22,9 @@ next arrival). Every answer is checked against the first method's.
 
     python bench/stepper_load.py --ckpt bench/results/quality/sft-recipe/model.ckpt \
         --prompts bench/results/quality/test.jsonl --clients 16 --requests 96 --repeat 3 --fixed-draft
-    python bench/stepper_load.py --model /tmp/hf --prompts test.jsonl --rate 40 --methods continuous --compact 0.1
-    python bench/stepper_load.py --model /tmp/hf --forward-costs   # what fusing a prefill into a step would cost
+    python bench/stepper_load.py --model models/smollm2-135m --prompts prompts.jsonl --rate 40 \
+        --methods continuous --compact 0.1
+    python bench/stepper_load.py --model models/smollm2-135m --forward-costs  # what fusing a prefill would cost
 """
 
 from __future__ import annotations
