@@ -40,6 +40,10 @@ class StepCosts:
         self.times.setdefault(canonical(size), deque(maxlen=SAMPLES)).append(seconds)
         self._table = None
 
+    def samples(self, size: int) -> int:
+        """How many step times the group of ``size`` (:func:`canonical`) holds."""
+        return len(self.times.get(canonical(size), ()))
+
     def estimate(self, size: int) -> float | None:
         """The low quantile of the samples ``size`` joins (``None``: none yet): what its next step should take."""
         samples = self.times.get(canonical(size))

@@ -116,6 +116,7 @@ SURPRISE = 2.0  # ... unless a step took this many times its size's estimate (a 
 LONGER = 0.02  # the longest draft whose expected time is within this share of the best (noise in the costs)
 PROBE_EVERY = 8  # forwards between probes: a draft longer than the costs say (doubling after each probe) ...
 PROBE_MAX = 64  # ... up to this many
+RETIME = 4  # a probe times no draft while the one-column size holds fewer step times than this
 MARGIN = 0.05  # a draft must promise to save this share of the time (noise in the measures)
 PROBE = 3  # draft length of the prefill
 
@@ -286,6 +287,9 @@ class DraftPolicy:
             return min(held_k, longest)
         k = self._decide(rows, remaining, longest, picks, lengths)
         self._held = (HOLD - 1, len(rows), k) if only_model else (0, 0, 0)
+        if probe and k > 0 and self._retime(len(rows), k):
+            self._since, self._held = 0, (0, 0, 0)
+            return 0
         if probe and k < longest:  # (nothing is longer than the longest draft)
             self._since = 0
             optimistic = max(1, self._decide(rows, remaining, longest, picks, lengths, optimistic_cost))
@@ -297,6 +301,21 @@ class DraftPolicy:
         elif probe:
             self._since, self._probe_every = 0, PROBE_EVERY
         return k
+
+    def _retime(self, rows: int, k: int) -> bool:
+        """Whether to time a step without a draft now: the probe the other way round.
+
+        A policy that keeps drafting never times a one-column step again, so
+        one slow time of it (a calibration step) stands: on ``bench/quality.py``'s
+        sft model it was slower than the 9-column steps the policy then chose
+        (1.46 ms on one sample against 1.3-1.4 ms on 16, where it takes 0.9),
+        drafting looked free, and adaptive ran at 83% of fixed N=3 at batch 1.
+        So while the no-draft size has fewer than ``RETIME`` times and its
+        estimate is no cheaper than the draft chosen (a wider forward never
+        costs less), a probe times it. Bounded: ``RETIME`` times per size.
+        """
+        estimate = self.costs.estimate(rows)
+        return estimate is not None and self.costs.samples(rows) < RETIME and estimate >= self.cost(rows * (k + 1))
 
     def _decide(self, rows, remaining, longest, picks, lengths, cost=None) -> int:
         cost = cost or self.cost

@@ -282,3 +282,24 @@ def test_a_decision_stands_for_hold_forwards():
     policy.finished()
     policy.choose([0], [100])
     assert len(decided) == 2
+
+
+def test_a_no_draft_step_timed_slow_once_is_timed_again():
+    """The probe the other way round: a policy that keeps drafting never times a one-column step again, so one
+    slow time of it makes drafting look free (bench/quality.py's sft model: adaptive at 83% of fixed N=3).
+    A probe re-times it (at most RETIME times), and then the policy stops drafting drafts that do not pay."""
+    policy = calibrated(7, 1, {1: 1.5})  # one slow no-draft time (a calibration step)
+    for _ in range(16):
+        policy.record(8, 1.35)  # the drafted steps it keeps choosing
+    set_model_rates(policy, [2.0], [20.0])  # 10% of draft tokens confirmed
+    assert policy.choose([0], [1000]) > 0  # drafting looks free: cost(1) is pooled up to cost(8)
+    ks = []
+    for _ in range(8 * drafting.PROBE_EVERY):
+        k = policy.choose([0], [1000])
+        ks.append(k)
+        policy.record(k + 1, 0.9 if k == 0 else 1.35)  # what the steps really cost
+    assert policy.costs.samples(1) >= drafting.RETIME  # no draft was timed again ...
+    late = ks[len(ks) // 2 :]
+    assert late.count(0) >= 0.9 * len(late), ks  # ... and the policy stopped drafting (but for the probes)
+    retimed = sum(1 for a, b in zip(ks, ks[1:]) if a > 0 and b == 0)
+    assert retimed <= drafting.RETIME + 1
