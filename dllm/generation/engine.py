@@ -232,8 +232,10 @@ def _decode(
 ) -> _Run:
     """Run one batch in one mode (``ids``: its rows' indices in the call); returns the finished :class:`_Run`."""
     batch = Batch(model, input_ids, attention_mask, use_cache, layout)
-    run = _Run(batch, settings["eos_ids"], budgets, settings["sampler"], keys, offsets, trace, settings["sync"])
-    run.stops, run.ids = settings["stops"], list(ids)
+    run = _Run(
+        batch, settings["eos_ids"], budgets, settings["sampler"], keys, offsets, trace, settings["sync"],
+        settings["stops"], ids,
+    )  # fmt: skip
     if settings["mode"] == "refine":
         _refine_loop(run, settings["n"], settings["r"])
     else:
@@ -249,9 +251,11 @@ def _decode(
 class _Run:
     """Per-row bookkeeping shared by both modes: generated tokens, budgets, stops, the trace."""
 
-    def __init__(self, batch: Batch, eos_ids, budgets, sampler: Sampler, keys, offsets, trace, sync):
+    def __init__(self, batch: Batch, eos_ids, budgets, sampler: Sampler, keys, offsets, trace, sync, stops, ids):
         self.batch, self.eos_ids, self.budgets = batch, eos_ids, budgets
         self.sampler, self.keys, self.offsets, self.trace, self.sync = sampler, keys, offsets, trace, sync
+        self.stops: StopChecks | None = stops  # stop strings / the caller's criterion
+        self.ids = list(ids)  # each row's index in the iterative_generate call
         self.placeholder = eos_ids[0]
         rows = len(budgets)
         self.generated: list[list[int]] = [[] for _ in range(rows)]
@@ -259,8 +263,6 @@ class _Run:
         self.forwards = [0] * rows
         self.num_forwards = 0
         self._eos = torch.tensor(eos_ids, device=batch.ids.device)
-        self.stops: StopChecks | None = None  # stop strings / the caller's criterion
-        self.ids = list(range(rows))  # each row's index in the iterative_generate call
 
     def remaining(self) -> list[int]:
         """Tokens each active row may still generate."""
