@@ -102,22 +102,9 @@ async def one_request(client, url, prompt, max_tokens, streamed, model):
             answer = r.json()
             return time.perf_counter() - start, None, answer["tokens"], answer["text"], True
         if model is None:  # ... streamed: one JSON line per step, {"text": delta, "tokens": so far}
-            first = last = None
-            parts, tokens = [], 0
             async with client.stream("POST", f"{url}/predict", json={"prompt": prompt, "max_tokens": max_tokens}) as r:
                 r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if not line.strip():
-                        continue
-                    step = json.loads(line)
-                    tokens = step["tokens"]
-                    if step["text"]:
-                        last = time.perf_counter()
-                        first = first or last
-                        parts.append(step["text"])
-            first = first or time.perf_counter()
-            tpot = (last - first) / (tokens - 1) if last and tokens > 1 else None
-            return first - start, tpot, tokens, "".join(parts), True
+                return await timed_stream(r, start, hf_line)
         if not streamed:
             body = {"model": model, "prompt": prompt, "max_tokens": max_tokens}
             r = await client.post(f"{url}/v1/completions", json=body)
@@ -127,26 +114,45 @@ async def one_request(client, url, prompt, max_tokens, streamed, model):
             return time.perf_counter() - start, None, tokens, text, True
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
                 "stream_options": {"include_usage": True}}  # fmt: skip
-        first = last = None
-        parts, tokens = [], 0
         async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
             r.raise_for_status()
-            async for line in r.aiter_lines():
-                if not line.startswith("data:") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[5:])
-                if chunk.get("usage"):
-                    tokens = chunk["usage"]["completion_tokens"]
-                for choice in chunk["choices"]:
-                    if choice["text"]:
-                        last = time.perf_counter()
-                        first = first or last
-                        parts.append(choice["text"])
-        first = first or time.perf_counter()
-        tpot = (last - first) / (tokens - 1) if last and tokens > 1 else None
-        return first - start, tpot, tokens, "".join(parts), True
+            return await timed_stream(r, start, sse_line)
     except Exception as error:  # counted as a failed request
         return None, None, 0, repr(error), False
+
+
+def hf_line(line: str) -> tuple[list[str], int | None]:
+    """One line of the HF server's stream: ``(text deltas, tokens so far)``."""
+    if not line.strip():
+        return [], None
+    step = json.loads(line)
+    return [step["text"]], step["tokens"]
+
+
+def sse_line(line: str) -> tuple[list[str], int | None]:
+    """One line of an OpenAI SSE stream: ``(text deltas, completion tokens when the usage chunk has them)``."""
+    if not line.startswith("data:") or line == "data: [DONE]":
+        return [], None
+    chunk = json.loads(line[5:])
+    usage = chunk.get("usage")
+    return [choice["text"] for choice in chunk["choices"]], usage["completion_tokens"] if usage else None
+
+
+async def timed_stream(response, start: float, parse):
+    """``(ttft, tpot, tokens, text, True)`` of a streamed response, ``parse`` reading each line (:func:`hf_line`,
+    :func:`sse_line`): the first and last non-empty deltas' times, and the last token count seen."""
+    first = last = None
+    parts, tokens = [], 0
+    async for line in response.aiter_lines():
+        texts, count = parse(line)
+        tokens = tokens if count is None else count
+        for text in filter(None, texts):
+            last = time.perf_counter()
+            first = first or last
+            parts.append(text)
+    first = first or time.perf_counter()
+    tpot = (last - first) / (tokens - 1) if last and tokens > 1 else None
+    return first - start, tpot, tokens, "".join(parts), True
 
 
 async def run_load(url, prompts, rate, max_tokens, streamed, model, seed, clients=0):
@@ -299,6 +305,16 @@ def main() -> None:
     parser.add_argument("--out-dir", default="bench/results/serving")
     parser.add_argument("--quick", action="store_true", help="smoke run: 4 requests, one rate, 16 tokens")
     args = parser.parse_args()
+    if args.ckpt is None and not Path(args.model).exists():
+        from transformers import AutoConfig
+
+        try:  # a hub name: reachable only with a network
+            AutoConfig.from_pretrained(args.model)
+        except OSError:
+            parser.error(
+                f"--model {args.model}: no such folder, and not a model the hub answered for (for the default: "
+                "python -m dllm.models smollm2 --out models/smollm2-135m; or --model PATH, or --ckpt FILE)"
+            )
     if args.quick:
         args.requests, args.rates, args.max_tokens = 4, "2", 16
     os.environ.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
